@@ -1,0 +1,443 @@
+//! The [`Relay`]: claims committed events, publishes them, records the outcome.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::{
+    BatchOutcome, ClaimedBatch, ConfigError, DeadLetter, LeaseToken, OutboxRecord, OutboxStore,
+    PublishError, Publisher, RelayConfig, Retry, Wakeups,
+};
+
+/// Totals of one relay run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RelayReport {
+    /// Batches claimed.
+    pub batches: u64,
+    /// Events published and acknowledged.
+    pub published: u64,
+    /// Failed attempts that will be retried.
+    pub retried: u64,
+    /// Events dead-lettered.
+    pub dead_lettered: u64,
+    /// Events handed back without an attempt.
+    pub released: u64,
+    /// Outcomes that found their lease taken over by another relay.
+    pub leases_lost: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    batches: AtomicU64,
+    published: AtomicU64,
+    retried: AtomicU64,
+    dead_lettered: AtomicU64,
+    released: AtomicU64,
+    leases_lost: AtomicU64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> RelayReport {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        RelayReport {
+            batches: get(&self.batches),
+            published: get(&self.published),
+            retried: get(&self.retried),
+            dead_lettered: get(&self.dead_lettered),
+            released: get(&self.released),
+            leases_lost: get(&self.leases_lost),
+        }
+    }
+}
+
+struct Shared<S, P> {
+    store: S,
+    publisher: P,
+    config: RelayConfig,
+    counters: Counters,
+}
+
+/// Delivers every committed outbox event to a [`Publisher`] at least once.
+///
+/// The loop: claim a batch under a lease → publish it (different subjects
+/// concurrently, the same subject strictly in order) → record the outcome in
+/// one statement per kind. While one batch is being published the next one
+/// is claimed. A failed event is retried with jittered exponential backoff and
+/// dead-lettered after `max_attempts`; until then it holds back only later
+/// events of its own subject. When the broker is not ready the relay claims
+/// nothing, so an outage burns no attempts. Several relays may run on one
+/// table: the store's leases keep them apart.
+///
+/// ```no_run
+/// # async fn demo<S: proclaim_core::OutboxStore, P: proclaim_core::Publisher>(store: S, publisher: P)
+/// # -> Result<(), proclaim_core::ConfigError> {
+/// use proclaim_core::{Relay, RelayConfig};
+///
+/// let relay = Relay::new(store, publisher, RelayConfig::default())?.spawn();
+/// // … later, e.g. on SIGTERM: finish in-flight work and stop.
+/// let report = relay.shutdown().await;
+/// println!("published {}", report.published);
+/// # Ok(()) }
+/// ```
+pub struct Relay<S, P> {
+    shared: Arc<Shared<S, P>>,
+}
+
+/// A relay running on its own task; see [`Relay::spawn`].
+pub struct RelayHandle {
+    token: CancellationToken,
+    task: tokio::task::JoinHandle<RelayReport>,
+}
+
+impl RelayHandle {
+    /// Asks the relay to stop, waits for in-flight batches to finish
+    /// (at most `shutdown_timeout`), and returns its totals.
+    pub async fn shutdown(self) -> RelayReport {
+        self.token.cancel();
+        self.task.await.unwrap_or_else(|e| {
+            error!(error = %e, "relay task failed");
+            RelayReport::default()
+        })
+    }
+
+    /// The token that stops the relay when cancelled.
+    pub fn cancellation_token(&self) -> CancellationToken {
+        self.token.clone()
+    }
+
+    /// Stops the relay at once, abandoning in-flight batches (their leases
+    /// expire and the events are published again): a crash, for tests.
+    pub fn abort(self) {
+        self.task.abort();
+    }
+}
+
+impl<S: OutboxStore, P: Publisher> Relay<S, P> {
+    /// Builds a relay; fails if the configuration cannot work.
+    pub fn new(store: S, publisher: P, config: RelayConfig) -> Result<Self, ConfigError> {
+        config.validate()?;
+        Ok(Relay {
+            shared: Arc::new(Shared {
+                store,
+                publisher,
+                config,
+                counters: Counters::default(),
+            }),
+        })
+    }
+
+    /// Runs the relay on a new task until [`RelayHandle::shutdown`].
+    pub fn spawn(self) -> RelayHandle {
+        let token = CancellationToken::new();
+        let task = tokio::spawn(self.run(token.clone()));
+        RelayHandle { token, task }
+    }
+
+    /// Runs until `shutdown` is cancelled, then finishes in-flight batches
+    /// (for at most `shutdown_timeout`) and returns the totals.
+    pub async fn run(self, shutdown: CancellationToken) -> RelayReport {
+        let shared = self.shared;
+        let span = info_span!("relay");
+        run_loop(shared.clone(), shutdown).instrument(span).await;
+        shared.counters.snapshot()
+    }
+}
+
+async fn run_loop<S: OutboxStore, P: Publisher>(shared: Arc<Shared<S, P>>, shutdown: CancellationToken) {
+    let config = &shared.config;
+    let mut wakeups: Option<Wakeups> = match shared.store.wakeups().await {
+        Ok(w) => w,
+        Err(e) => {
+            warn!(error = %e, "wake-ups unavailable; polling every {:?}", config.poll_interval);
+            None
+        }
+    };
+    let mut batches: JoinSet<()> = JoinSet::new();
+    let mut outage_failures = 0u32;
+    let mut next_purge = Instant::now();
+    info!(
+        batch_size = config.batch_size,
+        lease = ?config.lease,
+        wakeups = wakeups.is_some(),
+        "relay started"
+    );
+
+    loop {
+        while let Some(done) = batches.try_join_next() {
+            log_join(done);
+        }
+        if shutdown.is_cancelled() {
+            break;
+        }
+        if let Some(retention) = config.retention
+            && Instant::now() >= next_purge
+        {
+            next_purge = Instant::now() + config.purge_interval;
+            match shared.store.purge_published(retention).await {
+                Ok(0) => {}
+                Ok(n) => debug!(purged = n, "purged published events past retention"),
+                Err(e) => warn!(error = %e, "purge failed"),
+            }
+        }
+
+        let mut claimed_full = false;
+        if batches.len() < config.max_batches_in_flight {
+            if let Err(e) = shared.publisher.ready().await {
+                outage_failures = outage_failures.saturating_add(1);
+                if outage_failures == 1 || outage_failures.is_multiple_of(20) {
+                    warn!(error = %e.full_message(), "broker not ready; claiming nothing until it is");
+                }
+                metrics::counter!("proclaim_relay_broker_not_ready_total").increment(1);
+                pause(&shutdown, config.outage_backoff.delay(outage_failures)).await;
+                continue;
+            }
+            let token = LeaseToken::new();
+            let claimed_at = Instant::now();
+            match shared.store.claim(token, config.batch_size, config.lease).await {
+                Ok(batch) => {
+                    if outage_failures > 0 {
+                        info!("database and broker reachable again");
+                    }
+                    outage_failures = 0;
+                    if !batch.is_empty() {
+                        claimed_full = batch.len() >= config.batch_size;
+                        shared.counters.batches.fetch_add(1, Ordering::Relaxed);
+                        let deadline = claimed_at + config.lease;
+                        let s = shared.clone();
+                        batches.spawn(
+                            async move { process_batch(s, token, batch, deadline).await }.in_current_span(),
+                        );
+                    }
+                }
+                Err(e) => {
+                    outage_failures = outage_failures.saturating_add(1);
+                    if outage_failures == 1 || outage_failures.is_multiple_of(20) {
+                        warn!(error = %e, "claim failed; retrying");
+                    }
+                    metrics::counter!("proclaim_relay_claim_errors_total").increment(1);
+                    pause(&shutdown, config.outage_backoff.delay(outage_failures)).await;
+                    continue;
+                }
+            }
+        }
+        if claimed_full && batches.len() < config.max_batches_in_flight {
+            continue;
+        }
+
+        let wakeup = async {
+            match wakeups.as_mut() {
+                Some(w) => w.next().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Some(done) = batches.join_next(), if !batches.is_empty() => log_join(done),
+            hint = wakeup => {
+                match hint {
+                    // Coalesce a burst of hints into one claim.
+                    Some(()) => if let Some(w) = wakeups.as_mut() {
+                        while let Some(Some(())) = w.next().now_or_never() {}
+                    },
+                    None => {
+                        warn!("wake-up stream ended; polling every {:?}", config.poll_interval);
+                        wakeups = None;
+                    }
+                }
+            }
+            _ = tokio::time::sleep(config.poll_interval) => {}
+        }
+    }
+
+    info!(in_flight_batches = batches.len(), "relay stopping; finishing in-flight work");
+    let drain = async {
+        while let Some(done) = batches.join_next().await {
+            log_join(done);
+        }
+    };
+    if tokio::time::timeout(config.shutdown_timeout, drain).await.is_err() {
+        warn!(
+            "in-flight batches did not finish within {:?}; their leases will expire and the events will be published again",
+            config.shutdown_timeout
+        );
+        batches.abort_all();
+    }
+    let report = shared.counters.snapshot();
+    info!(published = report.published, dead_lettered = report.dead_lettered, "relay stopped");
+}
+
+fn log_join(done: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = done
+        && e.is_panic()
+    {
+        error!(error = %e, "a batch task panicked; its leases will expire and its events will be published again");
+    }
+}
+
+async fn pause(shutdown: &CancellationToken, delay: Duration) {
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = tokio::time::sleep(delay) => {}
+    }
+}
+
+async fn process_batch<S: OutboxStore, P: Publisher>(
+    shared: Arc<Shared<S, P>>,
+    token: LeaseToken,
+    batch: ClaimedBatch,
+    deadline: Instant,
+) {
+    let started = Instant::now();
+    let config = &shared.config;
+    let mut outcome = BatchOutcome::default();
+    for bad in batch.malformed {
+        warn!(sequence = bad.sequence, error = %bad.error, "malformed outbox row; dead-lettering it");
+        outcome.dead.push(DeadLetter {
+            sequence: bad.sequence,
+            error: format!("malformed outbox row: {}", bad.error),
+        });
+    }
+
+    // Group by subject, keeping each group in sequence order.
+    let mut index: HashMap<String, usize> = HashMap::new();
+    let mut groups: Vec<Vec<OutboxRecord>> = Vec::new();
+    for record in batch.records {
+        let slot = *index.entry(record.event.subject().to_owned()).or_insert_with(|| {
+            groups.push(Vec::new());
+            groups.len() - 1
+        });
+        groups[slot].push(record);
+    }
+    let chains: Vec<BatchOutcome> = futures::stream::iter(
+        groups.into_iter().map(|group| publish_chain(&shared, group, deadline)),
+    )
+    .buffer_unordered(config.max_concurrent_publishes)
+    .collect()
+    .await;
+    for chain in chains {
+        outcome.published.extend(chain.published);
+        outcome.retry.extend(chain.retry);
+        outcome.dead.extend(chain.dead);
+        outcome.released.extend(chain.released);
+    }
+
+    let counters = &shared.counters;
+    counters.published.fetch_add(outcome.published.len() as u64, Ordering::Relaxed);
+    counters.retried.fetch_add(outcome.retry.len() as u64, Ordering::Relaxed);
+    counters.dead_lettered.fetch_add(outcome.dead.len() as u64, Ordering::Relaxed);
+    counters.released.fetch_add(outcome.released.len() as u64, Ordering::Relaxed);
+    metrics::counter!("proclaim_relay_events_published_total").increment(outcome.published.len() as u64);
+    metrics::counter!("proclaim_relay_events_retried_total").increment(outcome.retry.len() as u64);
+    metrics::counter!("proclaim_relay_events_dead_lettered_total").increment(outcome.dead.len() as u64);
+    metrics::counter!("proclaim_relay_events_released_total").increment(outcome.released.len() as u64);
+    for dead in &outcome.dead {
+        warn!(sequence = dead.sequence, error = %dead.error, "event dead-lettered");
+    }
+
+    let mut failures = 0u32;
+    loop {
+        match shared.store.complete(token, &outcome, config.ack_mode()).await {
+            Ok(report) => {
+                if report.lost > 0 {
+                    counters.leases_lost.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("proclaim_relay_leases_lost_total").increment(1);
+                    warn!(
+                        lost = report.lost,
+                        "lease expired before the outcome was recorded; another relay took over these events, which may be published twice"
+                    );
+                }
+                break;
+            }
+            Err(e) if Instant::now() < deadline => {
+                failures += 1;
+                warn!(error = %e, "recording the batch outcome failed; retrying");
+                tokio::time::sleep(config.outage_backoff.delay(failures)).await;
+            }
+            Err(e) => {
+                error!(
+                    error = %e,
+                    "could not record the batch outcome before its lease expired; its events will be published again"
+                );
+                break;
+            }
+        }
+    }
+    metrics::histogram!("proclaim_relay_batch_seconds").record(started.elapsed().as_secs_f64());
+    debug!(
+        published = outcome.published.len(),
+        retried = outcome.retry.len(),
+        dead = outcome.dead.len(),
+        released = outcome.released.len(),
+        elapsed = ?started.elapsed(),
+        "batch done"
+    );
+}
+
+/// Publishes the events of one subject in order. The first event that fails
+/// and will be retried stops the chain: the later ones are released, so they
+/// can never overtake it.
+async fn publish_chain<S: OutboxStore, P: Publisher>(
+    shared: &Shared<S, P>,
+    group: Vec<OutboxRecord>,
+    deadline: Instant,
+) -> BatchOutcome {
+    let config = &shared.config;
+    let mut out = BatchOutcome::default();
+    let mut records = group.into_iter();
+    while let Some(record) = records.next() {
+        if Instant::now() + config.publish_timeout >= deadline {
+            out.released.push(record.sequence);
+            out.released.extend(records.map(|r| r.sequence));
+            break;
+        }
+        let result = match tokio::time::timeout(config.publish_timeout, shared.publisher.publish(&record)).await {
+            Ok(result) => result,
+            Err(_) => Err(PublishError::transient(format!(
+                "publish not acknowledged within {:?}",
+                config.publish_timeout
+            ))),
+        };
+        match result {
+            Ok(()) => out.published.push(record.sequence),
+            Err(e) => {
+                let kind = if e.is_transient() { "transient" } else { "permanent" };
+                metrics::counter!("proclaim_relay_publish_failures_total", "kind" => kind).increment(1);
+                let message = e.full_message();
+                if e.is_transient() && record.attempts < config.max_attempts {
+                    let delay = config.backoff.delay(record.attempts);
+                    debug!(
+                        sequence = record.sequence,
+                        attempts = record.attempts,
+                        ?delay,
+                        error = %message,
+                        "publish failed; will retry"
+                    );
+                    out.retry.push(Retry {
+                        sequence: record.sequence,
+                        delay,
+                        error: message,
+                    });
+                    out.released.extend(records.map(|r| r.sequence));
+                    break;
+                }
+                let error = if e.is_transient() {
+                    format!("gave up after {} attempts: {message}", record.attempts)
+                } else {
+                    format!("permanent failure: {message}")
+                };
+                out.dead.push(DeadLetter {
+                    sequence: record.sequence,
+                    error,
+                });
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,1 @@
+//! JetStream test streams (being written).

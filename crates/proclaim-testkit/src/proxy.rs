@@ -1,0 +1,1 @@
+//! Fault-injecting TCP proxy (being written).
