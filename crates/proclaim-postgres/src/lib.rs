@@ -1,1 +1,26 @@
-//! stub
+//! PostgreSQL store for proclaim, the transactional outbox.
+//!
+//! - [`PgOutbox::enqueue`] writes an event in the caller's own
+//!   `sqlx::Transaction`, so the event exists if and only if the business
+//!   change commits (no event can be written outside a transaction).
+//! - The relay claims events by lease with `FOR UPDATE SKIP LOCKED` — never
+//!   by an offset cursor, so a transaction that commits late is not skipped —
+//!   and acks, retries or dead-letters them with the lease token as a fence.
+//! - Writers send `NOTIFY` in their transaction, so an idle relay wakes within
+//!   milliseconds of a commit; polling remains the fallback.
+//! - Events of one subject are delivered in commit order, also with several
+//!   relays: writers of a subject are serialized by an advisory lock, and a
+//!   claim never takes an event while an earlier one of its subject is leased
+//!   or waiting for a retry.
+//!
+//! Schema and table are configurable ([`PgOutboxOptions`]) and validated as
+//! plain SQL identifiers.
+
+mod error;
+mod ident;
+mod options;
+mod outbox;
+mod sql;
+
+pub use options::PgOutboxOptions;
+pub use outbox::{DeadLetterEntry, PgOutbox, SCHEMA_VERSION};

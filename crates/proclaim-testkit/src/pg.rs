@@ -1,1 +1,68 @@
-//! PostgreSQL test schemas.
+//! A PostgreSQL schema of its own for each test.
+
+use sqlx::postgres::{PgPool, PgPoolOptions};
+
+/// The test database: `PROCLAIM_TEST_DATABASE_URL`, or the local `test` database.
+pub fn database_url() -> String {
+    std::env::var("PROCLAIM_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// A fresh schema named `t_<unique>`, dropped with everything in it when the
+/// value is dropped (also when the test panics).
+pub struct TestSchema {
+    pub pool: PgPool,
+    pub name: String,
+}
+
+impl TestSchema {
+    pub async fn new() -> Self {
+        let name = format!("t_{}", crate::unique_suffix());
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .connect(&database_url())
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to PostgreSQL at {}: {e}", database_url()));
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(r#"CREATE SCHEMA "{name}""#)))
+            .execute(&pool)
+            .await
+            .unwrap();
+        TestSchema { pool, name }
+    }
+
+    /// A second, independent pool on the same database (another "process").
+    pub async fn another_pool(&self) -> PgPool {
+        PgPoolOptions::new()
+            .max_connections(8)
+            .connect(&database_url())
+            .await
+            .unwrap()
+    }
+
+    /// The URL a `proclaim` process should use.
+    pub fn url(&self) -> String {
+        database_url()
+    }
+}
+
+impl Drop for TestSchema {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let cleanup = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(pool) = PgPoolOptions::new().max_connections(1).connect(&database_url()).await {
+                    let sql = format!(r#"DROP SCHEMA IF EXISTS "{name}" CASCADE"#);
+                    if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&pool).await {
+                        tracing::warn!(error = %e, schema = %name, "could not drop test schema");
+                    }
+                    pool.close().await;
+                }
+            });
+        });
+        let _ = cleanup.join();
+    }
+}

@@ -1,0 +1,61 @@
+//! Where the outbox lives and how writers signal the relay.
+
+use proclaim_core::StoreError;
+
+use crate::ident::Ident;
+
+/// Options of a [`PgOutbox`](crate::PgOutbox).
+///
+/// ```
+/// use proclaim_postgres::PgOutboxOptions;
+///
+/// let options = PgOutboxOptions::default().with_schema("billing").with_table("outbox");
+/// assert!(options.validate().is_ok());
+/// assert!(PgOutboxOptions::default().with_table("outbox; drop").validate().is_err());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgOutboxOptions {
+    /// Schema of the outbox table (default `proclaim`).
+    pub schema: String,
+    /// Name of the outbox table (default `outbox`).
+    pub table: String,
+    /// Send `NOTIFY` from the writer's transaction so an idle relay wakes at
+    /// once (default true). PostgreSQL delivers it only on commit and folds
+    /// repeats within one transaction into one.
+    pub notify: bool,
+}
+
+impl Default for PgOutboxOptions {
+    fn default() -> Self {
+        PgOutboxOptions {
+            schema: "proclaim".into(),
+            table: "outbox".into(),
+            notify: true,
+        }
+    }
+}
+
+impl PgOutboxOptions {
+    /// Sets the schema.
+    pub fn with_schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = schema.into();
+        self
+    }
+    /// Sets the table name.
+    pub fn with_table(mut self, table: impl Into<String>) -> Self {
+        self.table = table.into();
+        self
+    }
+    /// Turns the `NOTIFY` wake-up on or off.
+    pub fn with_notify(mut self, notify: bool) -> Self {
+        self.notify = notify;
+        self
+    }
+    /// Checks schema and table names (see the identifier rules on
+    /// [`PgOutbox::with_options`](crate::PgOutbox::with_options)).
+    pub fn validate(&self) -> Result<(), StoreError> {
+        Ident::parse("schema", &self.schema)?;
+        Ident::parse("table", &self.table)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,496 @@
+//! [`PgOutbox`]: writing events in the caller's transaction, and the store
+//! the relay claims from.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use proclaim_core::{
+    AckMode, BatchOutcome, ClaimedBatch, CompleteReport, Event, EventParts, LeaseToken,
+    MalformedRecord, OutboxRecord, OutboxStats, OutboxStore, StoreError, Wakeups,
+};
+use sqlx::postgres::{PgListener, PgPool, PgRow};
+use sqlx::{AssertSqlSafe, PgConnection, Postgres, Row, Transaction};
+use uuid::Uuid;
+
+use crate::error::classify;
+use crate::ident::{Ident, fnv1a};
+use crate::options::PgOutboxOptions;
+use crate::sql::Sql;
+
+/// The newest schema version this crate knows; see [`PgOutbox::migrate`].
+pub const SCHEMA_VERSION: i32 = 1;
+const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../migrations/0001_outbox.sql"))];
+const MAX_ERROR_LEN: usize = 4000;
+
+/// A transactional outbox in a PostgreSQL table.
+///
+/// Writers call [`enqueue`](PgOutbox::enqueue) with their own open
+/// transaction: the event is stored if and only if that transaction commits.
+/// The relay uses the same value as its [`OutboxStore`]. Cloning is cheap.
+///
+/// ```no_run
+/// use proclaim_core::Event;
+/// use proclaim_postgres::PgOutbox;
+///
+/// # async fn demo(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
+/// let outbox = PgOutbox::new(pool.clone());
+/// outbox.migrate().await?;
+///
+/// let mut tx = pool.begin().await?;
+/// sqlx::query("INSERT INTO campaign_donors (id, name) VALUES ($1, $2)")
+///     .bind(42_i64)
+///     .bind("Ada")
+///     .execute(&mut *tx)
+///     .await?;
+/// let event = Event::builder("DonorSecured")
+///     .subject("donor-42")
+///     .data(&serde_json::json!({ "donor_id": 42 }))
+///     .build()?;
+/// outbox.enqueue(&mut tx, &event).await?;
+/// tx.commit().await?; // the donor and the event, or neither
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct PgOutbox {
+    pool: PgPool,
+    schema: Ident,
+    table: Ident,
+    notify: bool,
+    sql: Arc<Sql>,
+}
+
+impl std::fmt::Debug for PgOutbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgOutbox")
+            .field("table", &self.sql.qualified)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A dead-lettered event, as `proclaim status` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DeadLetterEntry {
+    /// Position in the outbox.
+    pub sequence: i64,
+    /// Event id.
+    pub id: Uuid,
+    /// Event type.
+    pub event_type: String,
+    /// Subject (ordering key).
+    pub subject: String,
+    /// Attempts made.
+    pub attempts: i32,
+    /// The last error.
+    pub last_error: String,
+    /// When it was given up on.
+    pub dead_lettered_at: Option<DateTime<Utc>>,
+}
+
+impl PgOutbox {
+    /// An outbox in `proclaim.outbox` with `NOTIFY` wake-ups.
+    pub fn new(pool: PgPool) -> Self {
+        let defaults = PgOutboxOptions::default();
+        let schema = Ident::known(&defaults.schema);
+        let table = Ident::known(&defaults.table);
+        Self::build(pool, schema, table, defaults.notify)
+    }
+
+    /// An outbox with the given options. Schema and table names must be 1-63
+    /// characters of `a-z`, `0-9` and `_`, not starting with a digit;
+    /// anything else is a [`StoreError::Config`], so names can never inject SQL.
+    pub fn with_options(pool: PgPool, options: PgOutboxOptions) -> Result<Self, StoreError> {
+        let schema = Ident::parse("schema", &options.schema)?;
+        let table = Ident::parse("table", &options.table)?;
+        Ok(Self::build(pool, schema, table, options.notify))
+    }
+
+    fn build(pool: PgPool, schema: Ident, table: Ident, notify: bool) -> Self {
+        let sql = Arc::new(Sql::new(&schema, &table, notify));
+        PgOutbox {
+            pool,
+            schema,
+            table,
+            notify,
+            sql,
+        }
+    }
+
+    /// The connection pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The quoted, schema-qualified table name.
+    pub fn table_name(&self) -> &str {
+        &self.sql.qualified
+    }
+
+    /// The `LISTEN` channel writers notify.
+    pub fn channel(&self) -> &str {
+        &self.sql.channel
+    }
+
+    /// Creates the schema, the outbox table and its indexes, or brings them
+    /// up to date. Safe to run concurrently and repeatedly.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let (s, t) = (self.schema.as_str(), self.table.as_str());
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(i64::from(fnv1a(&["proclaim-migrate", s, t])))
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        let setup = format!(
+            r#"CREATE SCHEMA IF NOT EXISTS "{s}";
+               CREATE TABLE IF NOT EXISTS "{s}"."{t}_migrations" (
+                   version INTEGER PRIMARY KEY,
+                   applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"#
+        );
+        sqlx::raw_sql(AssertSqlSafe(setup))
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        let current: Option<i32> = sqlx::query_scalar(AssertSqlSafe(self.sql.schema_version.clone()))
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(classify)?;
+        let current = current.unwrap_or(0);
+        for (version, script) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+            let script = script.replace("{schema}", s).replace("{table}", t);
+            sqlx::raw_sql(AssertSqlSafe(script))
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?;
+            sqlx::query(AssertSqlSafe(format!(
+                r#"INSERT INTO "{s}"."{t}_migrations" (version) VALUES ($1)"#
+            )))
+            .bind(version)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+            tracing::info!(table = %self.sql.qualified, version, "applied outbox migration");
+        }
+        tx.commit().await.map_err(classify)?;
+        Ok(())
+    }
+
+    /// Checks that [`migrate`](PgOutbox::migrate) has run, with a clear error
+    /// (and the hint to run `proclaim migrate`) when it has not.
+    pub async fn verify_schema(&self) -> Result<(), StoreError> {
+        let version: Result<Option<i32>, sqlx::Error> =
+            sqlx::query_scalar(AssertSqlSafe(self.sql.schema_version.clone()))
+                .fetch_one(&self.pool)
+                .await;
+        match version {
+            Ok(Some(v)) if v >= SCHEMA_VERSION => Ok(()),
+            Ok(v) => Err(StoreError::Config(format!(
+                "outbox table {} is at schema version {} but {SCHEMA_VERSION} is needed; run `proclaim migrate`",
+                self.sql.qualified,
+                v.unwrap_or(0)
+            ))),
+            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42P01") => {
+                Err(StoreError::Config(format!(
+                    "outbox table {} does not exist; run `proclaim migrate`",
+                    self.sql.qualified
+                )))
+            }
+            Err(e) => Err(classify(e)),
+        }
+    }
+
+    /// Writes `event` in the caller's transaction. It is published only if
+    /// the transaction commits, and never if it rolls back.
+    ///
+    /// Per-subject order: the call takes a transaction-scoped advisory lock
+    /// on the event's subject, so concurrent transactions writing the same
+    /// subject are serialized and their events are sequenced in commit order.
+    /// (Write several subjects in one transaction in a consistent order, or
+    /// use [`enqueue_batch`](PgOutbox::enqueue_batch), which sorts its locks.)
+    pub async fn enqueue(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        event: &Event,
+    ) -> Result<(), StoreError> {
+        let conn: &mut PgConnection = tx;
+        sqlx::query(AssertSqlSafe(self.sql.insert_one.clone()))
+            .bind(event.id())
+            .bind(event.event_type())
+            .bind(event.source())
+            .bind(event.subject())
+            .bind(event.time())
+            .bind(event.datacontenttype())
+            .bind(event.dataschema())
+            .bind(event.data().get())
+            .bind(metadata_json(event))
+            .bind(self.key_lock(event.subject()))
+            .execute(conn)
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    /// Writes several events in the caller's transaction with one statement,
+    /// in the order given.
+    pub async fn enqueue_batch(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        events: &[Event],
+    ) -> Result<(), StoreError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let conn: &mut PgConnection = tx;
+        let mut keys: Vec<i32> = events.iter().map(|e| self.key_lock(e.subject())).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        sqlx::query(AssertSqlSafe(self.sql.lock_keys.clone()))
+            .bind(keys)
+            .execute(&mut *conn)
+            .await
+            .map_err(classify)?;
+        let col = |f: fn(&Event) -> String| events.iter().map(f).collect::<Vec<_>>();
+        sqlx::query(AssertSqlSafe(self.sql.insert_many.clone()))
+            .bind(events.iter().map(Event::id).collect::<Vec<_>>())
+            .bind(col(|e| e.event_type().to_owned()))
+            .bind(col(|e| e.source().to_owned()))
+            .bind(col(|e| e.subject().to_owned()))
+            .bind(events.iter().map(Event::time).collect::<Vec<_>>())
+            .bind(col(|e| e.datacontenttype().to_owned()))
+            .bind(events.iter().map(|e| e.dataschema().map(str::to_owned)).collect::<Vec<_>>())
+            .bind(col(|e| e.data().get().to_owned()))
+            .bind(col(metadata_json))
+            .execute(&mut *conn)
+            .await
+            .map_err(classify)?;
+        if self.notify {
+            sqlx::query(AssertSqlSafe(self.sql.notify.clone()))
+                .execute(conn)
+                .await
+                .map_err(classify)?;
+        }
+        Ok(())
+    }
+
+    fn key_lock(&self, subject: &str) -> i32 {
+        fnv1a(&[subject])
+    }
+
+    /// Dead-lettered events, oldest first.
+    pub async fn dead_letters(&self, limit: i64) -> Result<Vec<DeadLetterEntry>, StoreError> {
+        let rows = sqlx::query(AssertSqlSafe(self.sql.dead_letters.clone()))
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(classify)?;
+        rows.iter()
+            .map(|r| {
+                Ok(DeadLetterEntry {
+                    sequence: r.try_get(0)?,
+                    id: r.try_get(1)?,
+                    event_type: r.try_get(2)?,
+                    subject: r.try_get(3)?,
+                    attempts: r.try_get(4)?,
+                    last_error: r.try_get(5)?,
+                    dead_lettered_at: r.try_get(6)?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(classify)
+    }
+
+    /// Puts dead-lettered events back in line with fresh attempts: the given
+    /// ids, or all of them when `ids` is `None`. Returns how many.
+    pub async fn replay_dead_letters(&self, ids: Option<&[Uuid]>) -> Result<u64, StoreError> {
+        let done = sqlx::query(AssertSqlSafe(self.sql.replay.clone()))
+            .bind(ids)
+            .execute(&self.pool)
+            .await
+            .map_err(classify)?;
+        Ok(done.rows_affected())
+    }
+}
+
+fn metadata_json(event: &Event) -> String {
+    serde_json::to_string(event.metadata()).unwrap_or_else(|_| "{}".into())
+}
+
+fn clip_error(error: &str) -> String {
+    let mut out: String = error.chars().filter(|c| *c != '\0').collect();
+    if out.len() > MAX_ERROR_LEN {
+        let mut cut = MAX_ERROR_LEN;
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.truncate(cut);
+        out.push('…');
+    }
+    out
+}
+
+fn decode_row(row: &PgRow) -> Result<OutboxRecord, (i64, String)> {
+    let sequence: i64 = row.try_get(0).map_err(|e| (0, e.to_string()))?;
+    let bad = |e: String| (sequence, e);
+    let metadata: String = row.try_get(9).map_err(|e| bad(e.to_string()))?;
+    let metadata: BTreeMap<String, String> =
+        serde_json::from_str(&metadata).map_err(|e| bad(format!("metadata: {e}")))?;
+    let parts = EventParts {
+        id: row.try_get(1).map_err(|e| bad(e.to_string()))?,
+        event_type: row.try_get(2).map_err(|e| bad(e.to_string()))?,
+        source: row.try_get(3).map_err(|e| bad(e.to_string()))?,
+        subject: row.try_get(4).map_err(|e| bad(e.to_string()))?,
+        time: row.try_get(5).map_err(|e| bad(e.to_string()))?,
+        datacontenttype: row.try_get(6).map_err(|e| bad(e.to_string()))?,
+        dataschema: row.try_get(7).map_err(|e| bad(e.to_string()))?,
+        data: row.try_get(8).map_err(|e| bad(e.to_string()))?,
+        metadata,
+    };
+    let event = Event::from_parts(parts).map_err(|e| bad(e.to_string()))?;
+    let attempts: i32 = row.try_get(10).map_err(|e| bad(e.to_string()))?;
+    Ok(OutboxRecord {
+        sequence,
+        event,
+        attempts: attempts.max(0) as u32,
+        created_at: row.try_get(11).map_err(|e| bad(e.to_string()))?,
+    })
+}
+
+impl OutboxStore for PgOutbox {
+    async fn claim(
+        &self,
+        token: LeaseToken,
+        limit: usize,
+        lease: Duration,
+    ) -> Result<ClaimedBatch, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        // Claims on one table run one at a time, so each claim sees the
+        // leases of the previous one and per-subject order holds across relays.
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(self.sql.claim_lock)
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+        let rows = sqlx::query(AssertSqlSafe(self.sql.claim.clone()))
+            .bind(token.0)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .bind(lease.as_secs_f64())
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        let mut batch = ClaimedBatch::default();
+        for row in &rows {
+            match decode_row(row) {
+                Ok(record) => batch.records.push(record),
+                Err((sequence, error)) => batch.malformed.push(MalformedRecord { sequence, error }),
+            }
+        }
+        batch.records.sort_by_key(|r| r.sequence);
+        Ok(batch)
+    }
+
+    async fn complete(
+        &self,
+        token: LeaseToken,
+        outcome: &BatchOutcome,
+        mode: AckMode,
+    ) -> Result<CompleteReport, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        let mut applied = 0u64;
+        if !outcome.published.is_empty() {
+            let sql = match mode {
+                AckMode::Delete => &self.sql.delete_published,
+                AckMode::Retain => &self.sql.mark_published,
+            };
+            applied += sqlx::query(AssertSqlSafe(sql.clone()))
+                .bind(&outcome.published)
+                .bind(token.0)
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?
+                .rows_affected();
+        }
+        if !outcome.retry.is_empty() {
+            applied += sqlx::query(AssertSqlSafe(self.sql.retry.clone()))
+                .bind(outcome.retry.iter().map(|r| r.sequence).collect::<Vec<_>>())
+                .bind(outcome.retry.iter().map(|r| r.delay.as_secs_f64()).collect::<Vec<_>>())
+                .bind(outcome.retry.iter().map(|r| clip_error(&r.error)).collect::<Vec<_>>())
+                .bind(token.0)
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?
+                .rows_affected();
+        }
+        if !outcome.dead.is_empty() {
+            applied += sqlx::query(AssertSqlSafe(self.sql.dead.clone()))
+                .bind(outcome.dead.iter().map(|d| d.sequence).collect::<Vec<_>>())
+                .bind(outcome.dead.iter().map(|d| clip_error(&d.error)).collect::<Vec<_>>())
+                .bind(token.0)
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?
+                .rows_affected();
+        }
+        if !outcome.released.is_empty() {
+            applied += sqlx::query(AssertSqlSafe(self.sql.release.clone()))
+                .bind(&outcome.released)
+                .bind(token.0)
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?
+                .rows_affected();
+        }
+        tx.commit().await.map_err(classify)?;
+        Ok(CompleteReport {
+            applied,
+            lost: (outcome.len() as u64).saturating_sub(applied),
+        })
+    }
+
+    async fn purge_published(&self, older_than: Duration) -> Result<u64, StoreError> {
+        let done = sqlx::query(AssertSqlSafe(self.sql.purge.clone()))
+            .bind(older_than.as_secs_f64())
+            .execute(&self.pool)
+            .await
+            .map_err(classify)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn stats(&self) -> Result<OutboxStats, StoreError> {
+        let row = sqlx::query(AssertSqlSafe(self.sql.stats.clone()))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(classify)?;
+        let get = |i: usize| -> Result<u64, StoreError> {
+            let v: i64 = row.try_get(i).map_err(classify)?;
+            Ok(v.max(0) as u64)
+        };
+        Ok(OutboxStats {
+            pending: get(0)?,
+            in_flight: get(1)?,
+            dead_lettered: get(2)?,
+            published_retained: get(3)?,
+            oldest_pending_age_ms: get(4)?,
+        })
+    }
+
+    async fn wakeups(&self) -> Result<Option<Wakeups>, StoreError> {
+        if !self.notify {
+            return Ok(None);
+        }
+        let mut listener = PgListener::connect_with(&self.pool).await.map_err(classify)?;
+        listener.listen(&self.sql.channel).await.map_err(classify)?;
+        let stream = futures::stream::unfold(listener, |mut listener| async move {
+            if let Err(e) = listener.recv().await {
+                // recv reconnects on its next call; pause so a database that
+                // stays down does not turn this into a busy loop.
+                tracing::debug!(error = %e, "LISTEN connection lost; reconnecting");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Some(((), listener))
+        });
+        Ok(Some(stream.boxed()))
+    }
+}

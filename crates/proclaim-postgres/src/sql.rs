@@ -1,0 +1,140 @@
+//! The statements of one outbox table, built once with its checked names.
+
+use std::sync::Arc;
+
+use crate::ident::{Ident, fnv1a};
+
+const COLUMNS: &str = "id, event_type, source, subject, event_time, datacontenttype, dataschema, data, metadata";
+
+pub(crate) struct Sql {
+    pub(crate) qualified: String,
+    pub(crate) channel: String,
+    /// Advisory lock (single-key form) that serializes claims on this table.
+    pub(crate) claim_lock: i64,
+    pub(crate) insert_one: Arc<str>,
+    pub(crate) lock_keys: Arc<str>,
+    pub(crate) insert_many: Arc<str>,
+    pub(crate) notify: Arc<str>,
+    pub(crate) claim: Arc<str>,
+    pub(crate) delete_published: Arc<str>,
+    pub(crate) mark_published: Arc<str>,
+    pub(crate) retry: Arc<str>,
+    pub(crate) dead: Arc<str>,
+    pub(crate) release: Arc<str>,
+    pub(crate) purge: Arc<str>,
+    pub(crate) stats: Arc<str>,
+    pub(crate) dead_letters: Arc<str>,
+    pub(crate) replay: Arc<str>,
+    pub(crate) schema_version: Arc<str>,
+}
+
+impl Sql {
+    pub(crate) fn new(schema: &Ident, table: &Ident, notify: bool) -> Self {
+        let (s, t) = (schema.as_str(), table.as_str());
+        let q = format!(r#""{s}"."{t}""#);
+        let mut channel = format!("proclaim_{s}_{t}");
+        if channel.len() > 63 {
+            channel = format!("proclaim_{:08x}", fnv1a(&[s, t]) as u32);
+        }
+        let lock_class = fnv1a(&["proclaim", s, t]);
+        let claim_lock = (i64::from(lock_class) << 32) | 0x636c_6169;
+        let notify_cte = if notify {
+            format!(", wake AS (SELECT pg_notify('{channel}', ''))")
+        } else {
+            String::new()
+        };
+        let notify_from = if notify { ", wake" } else { "" };
+        let returning = "o.sequence, o.id, o.event_type, o.source, o.subject, o.event_time, \
+             o.datacontenttype, o.dataschema, o.data::text, o.metadata::text, o.attempts, o.created_at";
+        let a = |sql: String| -> Arc<str> { sql.into() };
+        Sql {
+            insert_one: a(format!(
+                "WITH key_lock AS (SELECT pg_advisory_xact_lock({lock_class}, $10)){notify_cte} \
+                 INSERT INTO {q} ({COLUMNS}) \
+                 SELECT $1, $2, $3, $4, $5, $6, $7, $8::json, $9::jsonb FROM key_lock{notify_from}"
+            )),
+            lock_keys: a(format!(
+                "SELECT count(*) FROM (SELECT pg_advisory_xact_lock({lock_class}, k) \
+                 FROM unnest($1::int4[]) AS u(k)) AS locks"
+            )),
+            insert_many: a(format!(
+                "INSERT INTO {q} ({COLUMNS}) \
+                 SELECT e.id, e.event_type, e.source, e.subject, e.event_time, e.datacontenttype, \
+                        e.dataschema, e.data::json, e.metadata::jsonb \
+                 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], \
+                             $6::text[], $7::text[], $8::text[], $9::text[]) \
+                      AS e(id, event_type, source, subject, event_time, datacontenttype, dataschema, data, metadata)"
+            )),
+            notify: a(format!("SELECT pg_notify('{channel}', '')")),
+            claim: a(format!(
+                "WITH picked AS ( \
+                   SELECT c.sequence FROM {q} c \
+                   WHERE c.status = 0 AND c.next_attempt_at <= now() \
+                     AND (c.lease_expires_at IS NULL OR c.lease_expires_at <= now()) \
+                     AND NOT EXISTS ( \
+                       SELECT 1 FROM {q} p \
+                       WHERE p.status = 0 AND p.subject = c.subject AND p.sequence < c.sequence \
+                         AND (p.next_attempt_at > now() OR p.lease_expires_at > now())) \
+                   ORDER BY c.sequence \
+                   LIMIT $2 \
+                   FOR UPDATE OF c SKIP LOCKED) \
+                 UPDATE {q} o SET lease_token = $1, \
+                     lease_expires_at = now() + make_interval(secs => $3::float8), \
+                     attempts = o.attempts + 1 \
+                 FROM picked WHERE o.sequence = picked.sequence \
+                 RETURNING {returning}"
+            )),
+            delete_published: a(format!(
+                "DELETE FROM {q} WHERE sequence = ANY($1) AND lease_token = $2"
+            )),
+            mark_published: a(format!(
+                "UPDATE {q} SET status = 1, published_at = now(), lease_token = NULL, \
+                 lease_expires_at = NULL, last_error = NULL \
+                 WHERE sequence = ANY($1) AND lease_token = $2"
+            )),
+            retry: a(format!(
+                "UPDATE {q} o SET next_attempt_at = now() + make_interval(secs => d.delay), \
+                     last_error = d.error, lease_token = NULL, lease_expires_at = NULL \
+                 FROM unnest($1::int8[], $2::float8[], $3::text[]) AS d(seq, delay, error) \
+                 WHERE o.sequence = d.seq AND o.lease_token = $4"
+            )),
+            dead: a(format!(
+                "UPDATE {q} o SET status = 2, dead_lettered_at = now(), last_error = d.error, \
+                     lease_token = NULL, lease_expires_at = NULL \
+                 FROM unnest($1::int8[], $2::text[]) AS d(seq, error) \
+                 WHERE o.sequence = d.seq AND o.lease_token = $3"
+            )),
+            release: a(format!(
+                "UPDATE {q} SET attempts = greatest(attempts - 1, 0), lease_token = NULL, \
+                 lease_expires_at = NULL WHERE sequence = ANY($1) AND lease_token = $2"
+            )),
+            purge: a(format!(
+                "DELETE FROM {q} WHERE status = 1 AND published_at < now() - make_interval(secs => $1::float8)"
+            )),
+            stats: a(format!(
+                "SELECT \
+                   count(*) FILTER (WHERE status = 0 AND (lease_expires_at IS NULL OR lease_expires_at <= now())), \
+                   count(*) FILTER (WHERE status = 0 AND lease_expires_at > now()), \
+                   count(*) FILTER (WHERE status = 2), \
+                   count(*) FILTER (WHERE status = 1), \
+                   coalesce(floor(extract(epoch FROM now() - min(created_at) FILTER (WHERE status = 0)) * 1000), 0)::int8 \
+                 FROM {q}"
+            )),
+            dead_letters: a(format!(
+                "SELECT sequence, id, event_type, subject, attempts, coalesce(last_error, ''), dead_lettered_at \
+                 FROM {q} WHERE status = 2 ORDER BY sequence LIMIT $1"
+            )),
+            replay: a(format!(
+                "UPDATE {q} SET status = 0, attempts = 0, next_attempt_at = '-infinity', \
+                     dead_lettered_at = NULL \
+                 WHERE status = 2 AND ($1::uuid[] IS NULL OR id = ANY($1))"
+            )),
+            schema_version: a(format!(
+                r#"SELECT max(version) FROM "{s}"."{t}_migrations""#
+            )),
+            qualified: q,
+            channel,
+            claim_lock,
+        }
+    }
+}
