@@ -9,6 +9,7 @@
 pub mod nats;
 pub mod pg;
 pub mod proxy;
+pub mod publisher;
 mod wait;
 
 pub use wait::{eventually, eventually_value};

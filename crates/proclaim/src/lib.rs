@@ -1,1 +1,55 @@
-//! stub
+//! # proclaim — the transactional outbox for Rust
+//!
+//! A service that changes its state and must tell others about it faces the
+//! dual-write problem: the database commit succeeds, the broker publish
+//! fails, and the rest of the system never hears the truth. proclaim writes
+//! the state change and the event in **one local transaction** (the outbox),
+//! and a [`Relay`] delivers every committed event to the broker **at least
+//! once**, in per-subject order, with retries, backoff and dead letters.
+//!
+//! ```no_run
+//! use proclaim::{Event, Relay, RelayConfig};
+//! use proclaim::nats::{NatsConfig, NatsPublisher};
+//! use proclaim::postgres::PgOutbox;
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let pool = sqlx::PgPool::connect("postgres://postgres@127.0.0.1/test").await?;
+//! let outbox = PgOutbox::new(pool.clone());
+//! outbox.migrate().await?;
+//!
+//! // In your service: the state change and the event commit together.
+//! let mut tx = pool.begin().await?;
+//! sqlx::query("INSERT INTO campaign_donors (id, name) VALUES (42, 'Ada')")
+//!     .execute(&mut *tx)
+//!     .await?;
+//! let event = Event::builder("DonorSecured")
+//!     .subject("donor-42")
+//!     .data(&serde_json::json!({ "donor_id": 42, "amount_cents": 250_000 }))
+//!     .build()?;
+//! outbox.enqueue(&mut tx, &event).await?;
+//! tx.commit().await?;
+//!
+//! // In the relay (or run `proclaim relay`): deliver every committed event.
+//! let publisher = NatsPublisher::connect(NatsConfig::default().with_create_stream(true)).await?;
+//! let relay = Relay::new(outbox, publisher, RelayConfig::default())?.spawn();
+//! // … on shutdown:
+//! relay.shutdown().await;
+//! # Ok(()) }
+//! ```
+//!
+//! Features: `postgres` (the PostgreSQL store, [`postgres`]), `nats` (the NATS
+//! JetStream publisher, [`nats`]); both on by default.
+
+pub use proclaim_core::*;
+
+/// The PostgreSQL store (feature `postgres`).
+#[cfg(feature = "postgres")]
+pub mod postgres {
+    pub use proclaim_postgres::*;
+}
+
+/// The NATS JetStream publisher (feature `nats`).
+#[cfg(feature = "nats")]
+pub mod nats {
+    pub use proclaim_nats::*;
+}

@@ -1,0 +1,140 @@
+//! Command-line arguments. Every flag can also be set in the environment
+//! (`PROCLAIM_*`) and, for `relay`, in the config file.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// proclaim — the transactional outbox for Rust: migrate the outbox table,
+/// relay committed events to NATS JetStream, emit an event, show status.
+#[derive(Debug, Parser)]
+#[command(name = "proclaim", version, about, propagate_version = true)]
+pub(crate) struct Cli {
+    #[command(flatten)]
+    pub(crate) global: GlobalArgs,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct GlobalArgs {
+    /// Config file (TOML); flags and PROCLAIM_* variables override it.
+    #[arg(long, short = 'c', env = "PROCLAIM_CONFIG", global = true)]
+    pub(crate) config: Option<PathBuf>,
+    /// Database URL; its scheme chooses the store (postgres://…).
+    #[arg(long, env = "PROCLAIM_DATABASE_URL", global = true)]
+    pub(crate) database_url: Option<String>,
+    /// Schema of the outbox table [default: proclaim].
+    #[arg(long, env = "PROCLAIM_SCHEMA", global = true)]
+    pub(crate) schema: Option<String>,
+    /// Name of the outbox table [default: outbox].
+    #[arg(long, env = "PROCLAIM_TABLE", global = true)]
+    pub(crate) table: Option<String>,
+    /// Log format on stderr.
+    #[arg(long, env = "PROCLAIM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub(crate) log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Create or update the outbox table and its indexes.
+    Migrate,
+    /// Deliver committed events until SIGINT/SIGTERM, then finish in-flight work and exit 0.
+    Relay(RelayArgs),
+    /// Write one event to the outbox in its own transaction; prints its id.
+    Emit(EmitArgs),
+    /// Show pending, in-flight and dead-lettered events.
+    Status(StatusArgs),
+    /// Put dead-lettered events back in line for delivery.
+    Replay(ReplayArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RelayArgs {
+    /// NATS server URL [default: nats://127.0.0.1:4222].
+    #[arg(long, env = "PROCLAIM_NATS_URL")]
+    pub(crate) nats_url: Option<String>,
+    /// JetStream stream [default: PROCLAIM].
+    #[arg(long, env = "PROCLAIM_STREAM")]
+    pub(crate) stream: Option<String>,
+    /// Prefix of published subjects [default: proclaim].
+    #[arg(long, env = "PROCLAIM_SUBJECT_PREFIX")]
+    pub(crate) subject_prefix: Option<String>,
+    /// Subject template; placeholders {prefix} {type} {subject} {source} [default: {prefix}.{type}].
+    #[arg(long, env = "PROCLAIM_SUBJECT_TEMPLATE")]
+    pub(crate) subject_template: Option<String>,
+    /// Create the stream (subjects <prefix>.>) if it does not exist.
+    #[arg(long, env = "PROCLAIM_CREATE_STREAM")]
+    pub(crate) create_stream: bool,
+    /// Events claimed per batch [default: 256].
+    #[arg(long, env = "PROCLAIM_BATCH_SIZE")]
+    pub(crate) batch_size: Option<usize>,
+    /// Attempts before an event is dead-lettered [default: 10].
+    #[arg(long, env = "PROCLAIM_MAX_ATTEMPTS")]
+    pub(crate) max_attempts: Option<u32>,
+    /// How long a claim holds its events, e.g. 30s [default: 30s].
+    #[arg(long, env = "PROCLAIM_LEASE", value_parser = humantime::parse_duration)]
+    pub(crate) lease: Option<Duration>,
+    /// Bound of one publish incl. the broker's ack [default: 10s].
+    #[arg(long, env = "PROCLAIM_PUBLISH_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub(crate) publish_timeout: Option<Duration>,
+    /// Poll interval when no wake-up arrives [default: 1s].
+    #[arg(long, env = "PROCLAIM_POLL_INTERVAL", value_parser = humantime::parse_duration)]
+    pub(crate) poll_interval: Option<Duration>,
+    /// Keep published rows this long instead of deleting them, e.g. 7days.
+    #[arg(long, env = "PROCLAIM_RETENTION", value_parser = humantime::parse_duration)]
+    pub(crate) retention: Option<Duration>,
+    /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9464.
+    #[arg(long, env = "PROCLAIM_METRICS_ADDR")]
+    pub(crate) metrics_addr: Option<std::net::SocketAddr>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct EmitArgs {
+    /// Event type, e.g. DonorSecured.
+    #[arg(long = "type", short = 't')]
+    pub(crate) event_type: String,
+    /// Subject: the aggregate id and ordering key, e.g. donor-42.
+    #[arg(long, short = 's')]
+    pub(crate) subject: String,
+    /// Payload as JSON.
+    #[arg(long, short = 'd', default_value = "null")]
+    pub(crate) data: String,
+    /// Source (the proclaiming service) [default: proclaim].
+    #[arg(long)]
+    pub(crate) source: Option<String>,
+    /// Correlation id.
+    #[arg(long)]
+    pub(crate) correlation_id: Option<String>,
+    /// Schema URI of the payload, including its version.
+    #[arg(long)]
+    pub(crate) dataschema: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct StatusArgs {
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub(crate) json: bool,
+    /// Also list up to this many dead-lettered events.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) dead_letters: i64,
+}
+
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub(crate) struct ReplayArgs {
+    /// Replay every dead-lettered event.
+    #[arg(long)]
+    pub(crate) all: bool,
+    /// Replay these event ids.
+    #[arg(long = "id")]
+    pub(crate) ids: Vec<uuid::Uuid>,
+}
