@@ -2,10 +2,11 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use proclaim::postgres::{PgOutbox, PgOutboxOptions};
 use sqlx::postgres::PgPoolOptions;
 
+use crate::InputError;
 use crate::settings::StoreSettings;
 
 /// The URL with any password replaced, for error messages.
@@ -32,10 +33,19 @@ pub(crate) async fn open(settings: &StoreSettings, pool_size: u32) -> anyhow::Re
     let scheme = url.split_once(':').map(|(s, _)| s).unwrap_or_default();
     match scheme {
         "postgres" | "postgresql" => {}
-        "sqlite" | "mysql" | "mariadb" => bail!(
-            "the {scheme} store is not available in this build yet; use a postgres:// URL"
-        ),
-        _ => bail!("unsupported database URL {:?}: expected postgres://…", redact(url)),
+        "sqlite" | "mysql" | "mariadb" => {
+            return Err(InputError(format!(
+                "the {scheme} store is not available in this build yet; use a postgres:// URL"
+            ))
+            .into());
+        }
+        _ => {
+            return Err(InputError(format!(
+                "unsupported database URL {:?}: expected postgres://…",
+                redact(url)
+            ))
+            .into());
+        }
     }
     let options = PgOutboxOptions::default()
         .with_schema(&settings.schema)

@@ -1,0 +1,235 @@
+//! The `proclaim` command, run as a process against the real PostgreSQL and NATS.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::collections::HashSet;
+use std::process::{Output, Stdio};
+use std::time::Duration;
+
+use proclaim::Event;
+use proclaim::nats::decode_message;
+use proclaim::postgres::{PgOutbox, PgOutboxOptions};
+use proclaim_testkit::nats::{TestStream, nats_url};
+use proclaim_testkit::pg::{TestSchema, database_url};
+use proclaim_testkit::eventually;
+use tokio::process::{Child, Command};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn proclaim() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_proclaim"));
+    for (key, _) in std::env::vars() {
+        if key.starts_with("PROCLAIM_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.env("RUST_LOG", "warn").kill_on_drop(true);
+    cmd
+}
+
+/// A command bound to a test's own schema and stream.
+fn bound(ts: &TestSchema, stream: Option<&TestStream>) -> Command {
+    let mut cmd = proclaim();
+    cmd.env("PROCLAIM_DATABASE_URL", database_url()).env("PROCLAIM_SCHEMA", &ts.name);
+    if let Some(s) = stream {
+        cmd.env("PROCLAIM_NATS_URL", nats_url())
+            .env("PROCLAIM_STREAM", &s.name)
+            .env("PROCLAIM_SUBJECT_PREFIX", &s.prefix);
+    }
+    cmd
+}
+
+async fn run(cmd: &mut Command, args: &[&str]) -> Output {
+    cmd.args(args).stdin(Stdio::null()).output().await.unwrap()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Asserts a failure with the given exit code and a one-line error naming `needle`.
+fn assert_fails(out: &Output, code: i32, needle: &str) {
+    let err = stderr(out);
+    assert_eq!(out.status.code(), Some(code), "stderr: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line of error expected, got: {err}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    assert!(lines[0].contains(needle), "expected {needle:?} in: {err}");
+}
+
+async fn migrated(ts: &TestSchema) -> PgOutbox {
+    let out = run(&mut bound(ts, None), &["migrate"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    PgOutbox::with_options(ts.pool.clone(), PgOutboxOptions::default().with_schema(&ts.name)).unwrap()
+}
+
+#[tokio::test]
+async fn emit_then_status_reports_the_pending_event() {
+    let ts = TestSchema::new().await;
+    migrated(&ts).await;
+    let out = run(
+        &mut bound(&ts, None),
+        &["emit", "--type", "DonorSecured", "--subject", "donor-1", "--data", r#"{"amount_cents":5000}"#],
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id: uuid::Uuid = String::from_utf8(out.stdout).unwrap().trim().parse().unwrap();
+    assert_eq!(id.get_version_num(), 7);
+
+    let out = run(&mut bound(&ts, None), &["status", "--json"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["pending"], 1);
+    assert_eq!(status["in_flight"], 0);
+    assert_eq!(status["dead_lettered"], 0);
+    assert!(status["oldest_pending_age_ms"].is_u64());
+}
+
+#[tokio::test]
+async fn bad_input_gives_one_line_and_exit_code_2() {
+    let ts = TestSchema::new().await;
+    migrated(&ts).await;
+    let emit = |data: &'static str| {
+        let mut cmd = bound(&ts, None);
+        cmd.args(["emit", "--type", "T", "--subject", "k", "--data", data]);
+        cmd
+    };
+    let out = run(&mut emit("{not json"), &[]).await;
+    assert_fails(&out, 2, "not valid JSON");
+    let out = run(&mut bound(&ts, None), &["emit", "--type", "", "--subject", "k"]).await;
+    assert_fails(&out, 2, "type");
+    let out = run(&mut proclaim(), &["status"]).await;
+    assert_fails(&out, 2, "no database URL");
+    let out = run(&mut proclaim(), &["--database-url", "redis://127.0.0.1", "status"]).await;
+    assert_fails(&out, 2, "unsupported database URL");
+    let out = run(&mut bound(&ts, None), &["--schema", "x; drop", "status"]).await;
+    assert_fails(&out, 2, "not a valid identifier");
+    let out = run(&mut bound(&ts, None), &["relay", "--lease", "1s"]).await;
+    assert_fails(&out, 2, "lease");
+    let out = run(&mut bound(&ts, None), &["relay", "--lease", "soon"]).await;
+    assert_eq!(out.status.code(), Some(2), "clap rejects a bad duration: {}", stderr(&out));
+    let out = run(&mut bound(&ts, None), &["--config", "/nonexistent/proclaim.toml", "status"]).await;
+    assert_fails(&out, 2, "does not exist");
+
+    let dir = std::env::temp_dir().join(format!("proclaim-cli-{}", proclaim_testkit::unique_suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let typo = dir.join("typo.toml");
+    std::fs::write(&typo, "[relay]\nbatch_sise = 10\n").unwrap();
+    let out = run(&mut bound(&ts, None), &["--config", typo.to_str().unwrap(), "relay"]).await;
+    assert_fails(&out, 2, "batch_sise");
+    let broken = dir.join("broken.toml");
+    std::fs::write(&broken, "[relay\n").unwrap();
+    let out = run(&mut bound(&ts, None), &["--config", broken.to_str().unwrap(), "status"]).await;
+    assert_fails(&out, 2, "invalid config file");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn unreachable_services_give_one_line_and_exit_code_1() {
+    let ts = TestSchema::new().await;
+    let out = run(&mut proclaim(), &["--database-url", "postgres://postgres:secret@127.0.0.1:1/test", "status"]).await;
+    assert_fails(&out, 1, "cannot connect to the database at postgres://postgres:***@127.0.0.1:1/test");
+    assert!(!stderr(&out).contains("secret"));
+
+    // Not migrated yet: a hint, not a stack trace.
+    let out = run(&mut bound(&ts, None), &["status"]).await;
+    assert_fails(&out, 1, "run `proclaim migrate`");
+
+    migrated(&ts).await;
+    let mut cmd = bound(&ts, None);
+    cmd.env("PROCLAIM_NATS_URL", "nats://127.0.0.1:1");
+    let out = run(&mut cmd, &["relay"]).await;
+    assert_fails(&out, 1, "nats://127.0.0.1:1");
+}
+
+async fn wait_for_exit(child: &mut Child) -> std::process::ExitStatus {
+    tokio::time::timeout(WAIT, child.wait()).await.expect("relay did not exit").unwrap()
+}
+
+fn sigterm(child: &Child) {
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+}
+
+async fn write_events(outbox: &PgOutbox, count: usize, keys: usize) -> HashSet<uuid::Uuid> {
+    let events: Vec<Event> = (0..count)
+        .map(|n| {
+            Event::builder("DonorSecured")
+                .subject(format!("donor-{}", n % keys))
+                .data(&serde_json::json!({ "n": n }))
+                .build()
+                .unwrap()
+        })
+        .collect();
+    for chunk in events.chunks(1000) {
+        let mut tx = outbox.pool().begin().await.unwrap();
+        outbox.enqueue_batch(&mut tx, chunk).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    events.iter().map(Event::id).collect()
+}
+
+async fn delivered_ids(stream: &TestStream) -> Vec<uuid::Uuid> {
+    stream
+        .messages()
+        .await
+        .iter()
+        .map(|m| decode_message(m).unwrap().id())
+        .collect()
+}
+
+#[tokio::test]
+async fn relay_delivers_and_exits_0_on_sigterm() {
+    let ts = TestSchema::new().await;
+    let stream = TestStream::new().await;
+    let outbox = migrated(&ts).await;
+    let written = write_events(&outbox, 300, 7).await;
+    let mut relay = bound(&ts, Some(&stream)).arg("relay").stdin(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    stream.wait_for_count(300, WAIT).await;
+    sigterm(&relay);
+    let status = wait_for_exit(&mut relay).await;
+    assert!(status.success(), "relay must exit 0 after SIGTERM: {status:?}");
+    let ids = delivered_ids(&stream).await;
+    assert_eq!(ids.len(), 300);
+    assert_eq!(ids.into_iter().collect::<HashSet<_>>(), written);
+}
+
+#[tokio::test]
+async fn relay_killed_mid_batch_strands_nothing() {
+    let ts = TestSchema::new().await;
+    let stream = TestStream::new().await;
+    let outbox = migrated(&ts).await;
+    let written = write_events(&outbox, 20_000, 100).await;
+    let relay_cmd = || {
+        let mut cmd = bound(&ts, Some(&stream));
+        cmd.args(["relay", "--lease", "2s", "--publish-timeout", "1s", "--batch-size", "100"])
+            .stdin(Stdio::null());
+        cmd
+    };
+    let mut first = relay_cmd().spawn().unwrap();
+    eventually(WAIT, "first relay has published some events", || async { stream.count().await >= 2_000 }).await;
+    first.start_kill().unwrap(); // SIGKILL: no chance to finish or release anything
+    let status = wait_for_exit(&mut first).await;
+    assert!(!status.success());
+    let at_kill = outbox_stats(&outbox).await;
+    assert!(at_kill.pending + at_kill.in_flight > 0, "killed before the end: {at_kill:?}");
+
+    let mut second = relay_cmd().spawn().unwrap();
+    stream.wait_for_count(20_000, WAIT).await;
+    eventually(WAIT, "outbox drained", || async {
+        let s = outbox_stats(&outbox).await;
+        s.pending + s.in_flight == 0
+    })
+    .await;
+    sigterm(&second);
+    assert!(wait_for_exit(&mut second).await.success());
+
+    let ids = delivered_ids(&stream).await;
+    let unique: HashSet<_> = ids.iter().copied().collect();
+    assert_eq!(unique, written, "every event delivered after the restart");
+    assert_eq!(ids.len(), 20_000, "JetStream's duplicate window drops the republished ones");
+}
+
+async fn outbox_stats(outbox: &PgOutbox) -> proclaim::OutboxStats {
+    use proclaim::OutboxStore;
+    outbox.stats().await.unwrap()
+}
