@@ -1,0 +1,2 @@
+//! Relay benchmarks (being written).
+fn main() {}
