@@ -23,7 +23,9 @@ pub(crate) struct InputError(pub(crate) String);
 fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -33,7 +35,8 @@ fn init_logging(format: LogFormat, default_level: &str) {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let file = settings::FileConfig::load(cli.global.config.as_deref())
         .map_err(|e| InputError(format!("{e:#}")))?;
-    let store = settings::store_settings(&cli.global, &file).map_err(|e| InputError(format!("{e:#}")))?;
+    let store =
+        settings::store_settings(&cli.global, &file).map_err(|e| InputError(format!("{e:#}")))?;
     match cli.command {
         Command::Migrate => commands::migrate::run(&store).await,
         Command::Relay(args) => commands::relay::run(&store, args, file).await,
@@ -53,14 +56,21 @@ fn main() -> ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
-            let _ = writeln!(std::io::stderr(), "error: cannot start the async runtime: {e}");
+            let _ = writeln!(
+                std::io::stderr(),
+                "error: cannot start the async runtime: {e}"
+            );
             return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let code = if e.chain().any(|c| c.is::<InputError>() || is_input(c)) { 2 } else { 1 };
+            let code = if e.chain().any(|c| c.is::<InputError>() || is_input(c)) {
+                2
+            } else {
+                1
+            };
             let _ = writeln!(std::io::stderr(), "error: {}", one_line(&e));
             ExitCode::from(code)
         }

@@ -65,7 +65,10 @@ pub(crate) struct StoreSettings {
     pub(crate) table: String,
 }
 
-pub(crate) fn store_settings(global: &GlobalArgs, file: &FileConfig) -> anyhow::Result<StoreSettings> {
+pub(crate) fn store_settings(
+    global: &GlobalArgs,
+    file: &FileConfig,
+) -> anyhow::Result<StoreSettings> {
     let database_url = global
         .database_url
         .clone()
@@ -74,8 +77,16 @@ pub(crate) fn store_settings(global: &GlobalArgs, file: &FileConfig) -> anyhow::
     let defaults = proclaim::postgres::PgOutboxOptions::default();
     Ok(StoreSettings {
         database_url,
-        schema: global.schema.clone().or_else(|| file.schema.clone()).unwrap_or(defaults.schema),
-        table: global.table.clone().or_else(|| file.table.clone()).unwrap_or(defaults.table),
+        schema: global
+            .schema
+            .clone()
+            .or_else(|| file.schema.clone())
+            .unwrap_or(defaults.schema),
+        table: global
+            .table
+            .clone()
+            .or_else(|| file.table.clone())
+            .unwrap_or(defaults.table),
     })
 }
 

@@ -86,9 +86,16 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         for _ in 0..200 {
             let d = b.delay(3);
-            assert!(d >= Duration::from_millis(200) && d <= Duration::from_millis(400), "{d:?}");
+            assert!(
+                d >= Duration::from_millis(200) && d <= Duration::from_millis(400),
+                "{d:?}"
+            );
             seen.insert(d);
         }
-        assert!(seen.len() > 100, "delays are not jittered: {} distinct", seen.len());
+        assert!(
+            seen.len() > 100,
+            "delays are not jittered: {} distinct",
+            seen.len()
+        );
     }
 }

@@ -129,7 +129,10 @@ impl RelayConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let err = |m: String| Err(ConfigError(m));
         if !(1..=10_000).contains(&self.batch_size) {
-            return err(format!("batch_size must be 1..=10000, not {}", self.batch_size));
+            return err(format!(
+                "batch_size must be 1..=10000, not {}",
+                self.batch_size
+            ));
         }
         if self.max_concurrent_publishes == 0 {
             return err("max_concurrent_publishes must be at least 1".into());
@@ -155,8 +158,14 @@ impl RelayConfig {
         if self.max_attempts == 0 {
             return err("max_attempts must be at least 1".into());
         }
-        for (name, b) in [("backoff", &self.backoff), ("outage_backoff", &self.outage_backoff)] {
-            if b.initial.is_zero() || b.max < b.initial || !(b.multiplier >= 1.0 && b.multiplier.is_finite()) {
+        for (name, b) in [
+            ("backoff", &self.backoff),
+            ("outage_backoff", &self.outage_backoff),
+        ] {
+            if b.initial.is_zero()
+                || b.max < b.initial
+                || !(b.multiplier >= 1.0 && b.multiplier.is_finite())
+            {
                 return err(format!(
                     "{name} needs 0 < initial <= max and a finite multiplier >= 1"
                 ));
@@ -195,7 +204,8 @@ mod tests {
             RelayConfig::default().with_poll_interval(Duration::ZERO),
             RelayConfig::default().with_lease(Duration::from_secs(5)),
             RelayConfig::default().with_max_attempts(0),
-            RelayConfig::default().with_backoff(Backoff::new(Duration::from_secs(2), Duration::from_secs(1))),
+            RelayConfig::default()
+                .with_backoff(Backoff::new(Duration::from_secs(2), Duration::from_secs(1))),
         ];
         for config in bad {
             assert!(config.validate().is_err(), "{config:?}");
@@ -204,7 +214,9 @@ mod tests {
 
     #[test]
     fn parses_human_durations_and_rejects_unknown_keys() -> Result<(), serde_json::Error> {
-        let c: RelayConfig = serde_json::from_str(r#"{"lease":"45s","retention":"7days","backoff":{"initial":"1s","max":"1m","multiplier":3.0}}"#)?;
+        let c: RelayConfig = serde_json::from_str(
+            r#"{"lease":"45s","retention":"7days","backoff":{"initial":"1s","max":"1m","multiplier":3.0}}"#,
+        )?;
         assert_eq!(c.lease, Duration::from_secs(45));
         assert_eq!(c.retention, Some(Duration::from_secs(7 * 86400)));
         assert_eq!(c.backoff.multiplier, 3.0);

@@ -150,7 +150,8 @@ impl Event {
 
     /// Rebuilds an event from stored parts, validating every attribute.
     pub fn from_parts(parts: EventParts) -> Result<Self, EventError> {
-        let data = RawValue::from_string(parts.data).map_err(|e| EventError::Data(e.to_string()))?;
+        let data =
+            RawValue::from_string(parts.data).map_err(|e| EventError::Data(e.to_string()))?;
         let event = Event {
             id: parts.id,
             event_type: parts.event_type,
@@ -264,7 +265,9 @@ impl Event {
         let serde_json::Value::Object(mut map) =
             serde_json::from_str(json).map_err(|e| EventError::Data(e.to_string()))?
         else {
-            return Err(EventError::Data("a CloudEvent must be a JSON object".into()));
+            return Err(EventError::Data(
+                "a CloudEvent must be a JSON object".into(),
+            ));
         };
         let mut take = |name: &'static str| -> Result<Option<String>, EventError> {
             match map.remove(name) {
@@ -275,7 +278,10 @@ impl Event {
         };
         let spec = take("specversion")?.ok_or(EventError::Missing("specversion"))?;
         if spec != SPEC_VERSION {
-            return Err(invalid("specversion", format!("unsupported version {spec:?}")));
+            return Err(invalid(
+                "specversion",
+                format!("unsupported version {spec:?}"),
+            ));
         }
         let id = take("id")?.ok_or(EventError::Missing("id"))?;
         let id = Uuid::parse_str(&id).map_err(|e| invalid("id", e.to_string()))?;
@@ -349,7 +355,10 @@ impl Event {
         for (name, value) in &self.metadata {
             check_extension_name(name)?;
             if value.len() > MAX_EXTENSION_VALUE_LEN {
-                return Err(invalid(name, format!("longer than {MAX_EXTENSION_VALUE_LEN} bytes")));
+                return Err(invalid(
+                    name,
+                    format!("longer than {MAX_EXTENSION_VALUE_LEN} bytes"),
+                ));
             }
             if value.chars().any(char::is_control) {
                 return Err(invalid(name, "contains a control character"));
@@ -375,7 +384,9 @@ fn check_text(attribute: &'static str, value: &str, max: usize) -> Result<(), Ev
 fn check_extension_name(name: &str) -> Result<(), EventError> {
     let ok = !name.is_empty()
         && name.len() <= 20
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
     if !ok {
         return Err(invalid(
             name,
@@ -505,7 +516,9 @@ impl EventBuilder {
     pub fn build(self) -> Result<Event, EventError> {
         let data = match self.data? {
             Some(data) => data,
-            None => RawValue::from_string("null".into()).map_err(|e| EventError::Data(e.to_string()))?,
+            None => {
+                RawValue::from_string("null".into()).map_err(|e| EventError::Data(e.to_string()))?
+            }
         };
         let event = Event {
             id: self.id.unwrap_or_else(Uuid::now_v7),
@@ -559,7 +572,11 @@ mod tests {
 
     #[test]
     fn bad_json_is_an_error() {
-        let err = Event::builder("T").subject("k").json("{not json").build().err();
+        let err = Event::builder("T")
+            .subject("k")
+            .json("{not json")
+            .build()
+            .err();
         assert!(matches!(err, Some(EventError::Data(_))), "{err:?}");
     }
 
@@ -571,9 +588,19 @@ mod tests {
 
     #[test]
     fn extension_names_follow_cloudevents() {
-        for bad in ["Correlation", "correlation_id", "", "id", "data", "abcdefghijklmnopqrstu"] {
+        for bad in [
+            "Correlation",
+            "correlation_id",
+            "",
+            "id",
+            "data",
+            "abcdefghijklmnopqrstu",
+        ] {
             let err = donor().extension(bad, "v").build().err();
-            assert!(matches!(err, Some(EventError::Invalid { .. })), "{bad}: {err:?}");
+            assert!(
+                matches!(err, Some(EventError::Invalid { .. })),
+                "{bad}: {err:?}"
+            );
         }
         assert!(donor().extension("tenant7", "v").build().is_ok());
     }
@@ -582,16 +609,30 @@ mod tests {
     fn non_json_content_type_is_rejected() {
         let err = donor().datacontenttype("text/plain").build().err();
         assert!(matches!(err, Some(EventError::Invalid { .. })), "{err:?}");
-        assert!(donor().datacontenttype("application/cloudevents+json; charset=utf-8").build().is_ok());
+        assert!(
+            donor()
+                .datacontenttype("application/cloudevents+json; charset=utf-8")
+                .build()
+                .is_ok()
+        );
     }
 
     #[test]
     fn caused_by_links_correlation_and_causation() -> Result<(), EventError> {
         let first = donor().build()?;
-        let second = Event::builder("ThankYouSent").subject("donor-42").caused_by(&first).build()?;
+        let second = Event::builder("ThankYouSent")
+            .subject("donor-42")
+            .caused_by(&first)
+            .build()?;
         assert_eq!(second.causation_id(), Some(first.id().to_string().as_str()));
-        assert_eq!(second.correlation_id(), Some(first.id().to_string().as_str()));
-        let third = Event::builder("Logged").subject("donor-42").caused_by(&second).build()?;
+        assert_eq!(
+            second.correlation_id(),
+            Some(first.id().to_string().as_str())
+        );
+        let third = Event::builder("Logged")
+            .subject("donor-42")
+            .caused_by(&second)
+            .build()?;
         assert_eq!(third.correlation_id(), second.correlation_id());
         Ok(())
     }

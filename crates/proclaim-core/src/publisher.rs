@@ -58,7 +58,10 @@ impl PublishError {
     /// The message with every source in the chain, for the row's `last_error`.
     pub fn full_message(&self) -> String {
         let mut out = self.message.clone();
-        let mut next = self.source.as_deref().map(|e| e as &(dyn std::error::Error + 'static));
+        let mut next = self
+            .source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static));
         while let Some(err) = next {
             let text = err.to_string();
             if !out.contains(&text) {
@@ -80,7 +83,10 @@ impl PublishError {
 /// its publish timeout.
 pub trait Publisher: Send + Sync + 'static {
     /// Publishes one event.
-    fn publish(&self, record: &OutboxRecord) -> impl Future<Output = Result<(), PublishError>> + Send;
+    fn publish(
+        &self,
+        record: &OutboxRecord,
+    ) -> impl Future<Output = Result<(), PublishError>> + Send;
 
     /// Whether the broker can take messages now. While it cannot, the relay
     /// claims nothing, so an outage does not burn events' attempts. The default
@@ -91,7 +97,10 @@ pub trait Publisher: Send + Sync + 'static {
 }
 
 impl<P: Publisher> Publisher for std::sync::Arc<P> {
-    fn publish(&self, record: &OutboxRecord) -> impl Future<Output = Result<(), PublishError>> + Send {
+    fn publish(
+        &self,
+        record: &OutboxRecord,
+    ) -> impl Future<Output = Result<(), PublishError>> + Send {
         (**self).publish(record)
     }
     fn ready(&self) -> impl Future<Output = Result<(), PublishError>> + Send {

@@ -150,7 +150,10 @@ impl<S: OutboxStore, P: Publisher> Relay<S, P> {
     }
 }
 
-async fn run_loop<S: OutboxStore, P: Publisher>(shared: Arc<Shared<S, P>>, shutdown: CancellationToken) {
+async fn run_loop<S: OutboxStore, P: Publisher>(
+    shared: Arc<Shared<S, P>>,
+    shutdown: CancellationToken,
+) {
     let config = &shared.config;
     let mut wakeups: Option<Wakeups> = match shared.store.wakeups().await {
         Ok(w) => w,
@@ -200,7 +203,11 @@ async fn run_loop<S: OutboxStore, P: Publisher>(shared: Arc<Shared<S, P>>, shutd
             }
             let token = LeaseToken::new();
             let claimed_at = Instant::now();
-            match shared.store.claim(token, config.batch_size, config.lease).await {
+            match shared
+                .store
+                .claim(token, config.batch_size, config.lease)
+                .await
+            {
                 Ok(batch) => {
                     if outage_failures > 0 {
                         info!("database and broker reachable again");
@@ -212,7 +219,8 @@ async fn run_loop<S: OutboxStore, P: Publisher>(shared: Arc<Shared<S, P>>, shutd
                         let deadline = claimed_at + config.lease;
                         let s = shared.clone();
                         batches.spawn(
-                            async move { process_batch(s, token, batch, deadline).await }.in_current_span(),
+                            async move { process_batch(s, token, batch, deadline).await }
+                                .in_current_span(),
                         );
                     }
                 }
@@ -256,13 +264,19 @@ async fn run_loop<S: OutboxStore, P: Publisher>(shared: Arc<Shared<S, P>>, shutd
         }
     }
 
-    info!(in_flight_batches = batches.len(), "relay stopping; finishing in-flight work");
+    info!(
+        in_flight_batches = batches.len(),
+        "relay stopping; finishing in-flight work"
+    );
     let drain = async {
         while let Some(done) = batches.join_next().await {
             log_join(done);
         }
     };
-    if tokio::time::timeout(config.shutdown_timeout, drain).await.is_err() {
+    if tokio::time::timeout(config.shutdown_timeout, drain)
+        .await
+        .is_err()
+    {
         warn!(
             "in-flight batches did not finish within {:?}; their leases will expire and the events will be published again",
             config.shutdown_timeout
@@ -270,7 +284,11 @@ async fn run_loop<S: OutboxStore, P: Publisher>(shared: Arc<Shared<S, P>>, shutd
         batches.abort_all();
     }
     let report = shared.counters.snapshot();
-    info!(published = report.published, dead_lettered = report.dead_lettered, "relay stopped");
+    info!(
+        published = report.published,
+        dead_lettered = report.dead_lettered,
+        "relay stopped"
+    );
 }
 
 fn log_join(done: Result<(), tokio::task::JoinError>) {
@@ -309,14 +327,18 @@ async fn process_batch<S: OutboxStore, P: Publisher>(
     let mut index: HashMap<String, usize> = HashMap::new();
     let mut groups: Vec<Vec<OutboxRecord>> = Vec::new();
     for record in batch.records {
-        let slot = *index.entry(record.event.subject().to_owned()).or_insert_with(|| {
-            groups.push(Vec::new());
-            groups.len() - 1
-        });
+        let slot = *index
+            .entry(record.event.subject().to_owned())
+            .or_insert_with(|| {
+                groups.push(Vec::new());
+                groups.len() - 1
+            });
         groups[slot].push(record);
     }
     let chains: Vec<BatchOutcome> = futures::stream::iter(
-        groups.into_iter().map(|group| publish_chain(&shared, group, deadline)),
+        groups
+            .into_iter()
+            .map(|group| publish_chain(&shared, group, deadline)),
     )
     .buffer_unordered(config.max_concurrent_publishes)
     .collect()
@@ -329,21 +351,36 @@ async fn process_batch<S: OutboxStore, P: Publisher>(
     }
 
     let counters = &shared.counters;
-    counters.published.fetch_add(outcome.published.len() as u64, Ordering::Relaxed);
-    counters.retried.fetch_add(outcome.retry.len() as u64, Ordering::Relaxed);
-    counters.dead_lettered.fetch_add(outcome.dead.len() as u64, Ordering::Relaxed);
-    counters.released.fetch_add(outcome.released.len() as u64, Ordering::Relaxed);
-    metrics::counter!("proclaim_relay_events_published_total").increment(outcome.published.len() as u64);
+    counters
+        .published
+        .fetch_add(outcome.published.len() as u64, Ordering::Relaxed);
+    counters
+        .retried
+        .fetch_add(outcome.retry.len() as u64, Ordering::Relaxed);
+    counters
+        .dead_lettered
+        .fetch_add(outcome.dead.len() as u64, Ordering::Relaxed);
+    counters
+        .released
+        .fetch_add(outcome.released.len() as u64, Ordering::Relaxed);
+    metrics::counter!("proclaim_relay_events_published_total")
+        .increment(outcome.published.len() as u64);
     metrics::counter!("proclaim_relay_events_retried_total").increment(outcome.retry.len() as u64);
-    metrics::counter!("proclaim_relay_events_dead_lettered_total").increment(outcome.dead.len() as u64);
-    metrics::counter!("proclaim_relay_events_released_total").increment(outcome.released.len() as u64);
+    metrics::counter!("proclaim_relay_events_dead_lettered_total")
+        .increment(outcome.dead.len() as u64);
+    metrics::counter!("proclaim_relay_events_released_total")
+        .increment(outcome.released.len() as u64);
     for dead in &outcome.dead {
         warn!(sequence = dead.sequence, error = %dead.error, "event dead-lettered");
     }
 
     let mut failures = 0u32;
     loop {
-        match shared.store.complete(token, &outcome, config.ack_mode()).await {
+        match shared
+            .store
+            .complete(token, &outcome, config.ack_mode())
+            .await
+        {
             Ok(report) => {
                 if report.lost > 0 {
                     counters.leases_lost.fetch_add(1, Ordering::Relaxed);
@@ -397,18 +434,26 @@ async fn publish_chain<S: OutboxStore, P: Publisher>(
             out.released.extend(records.map(|r| r.sequence));
             break;
         }
-        let result = match tokio::time::timeout(config.publish_timeout, shared.publisher.publish(&record)).await {
-            Ok(result) => result,
-            Err(_) => Err(PublishError::transient(format!(
-                "publish not acknowledged within {:?}",
-                config.publish_timeout
-            ))),
-        };
+        let result =
+            match tokio::time::timeout(config.publish_timeout, shared.publisher.publish(&record))
+                .await
+            {
+                Ok(result) => result,
+                Err(_) => Err(PublishError::transient(format!(
+                    "publish not acknowledged within {:?}",
+                    config.publish_timeout
+                ))),
+            };
         match result {
             Ok(()) => out.published.push(record.sequence),
             Err(e) => {
-                let kind = if e.is_transient() { "transient" } else { "permanent" };
-                metrics::counter!("proclaim_relay_publish_failures_total", "kind" => kind).increment(1);
+                let kind = if e.is_transient() {
+                    "transient"
+                } else {
+                    "permanent"
+                };
+                metrics::counter!("proclaim_relay_publish_failures_total", "kind" => kind)
+                    .increment(1);
                 let message = e.full_message();
                 if e.is_transient() && record.attempts < config.max_attempts {
                     let delay = config.backoff.delay(record.attempts);

@@ -19,7 +19,10 @@ pub(crate) fn classify(err: sqlx::Error) -> StoreError {
             // 57P01-57P03: server shutting down / cannot connect now.
             code.starts_with("08")
                 || code.starts_with("53")
-                || matches!(&*code, "40001" | "40P01" | "55P03" | "57P01" | "57P02" | "57P03")
+                || matches!(
+                    &*code,
+                    "40001" | "40P01" | "55P03" | "57P01" | "57P02" | "57P03"
+                )
         }),
         _ => false,
     };

@@ -153,10 +153,11 @@ impl PgOutbox {
             .execute(&mut *tx)
             .await
             .map_err(classify)?;
-        let current: Option<i32> = sqlx::query_scalar(AssertSqlSafe(self.sql.schema_version.clone()))
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(classify)?;
+        let current: Option<i32> =
+            sqlx::query_scalar(AssertSqlSafe(self.sql.schema_version.clone()))
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(classify)?;
         let current = current.unwrap_or(0);
         for (version, script) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
             let script = script.replace("{schema}", s).replace("{table}", t);
@@ -259,7 +260,12 @@ impl PgOutbox {
             .bind(col(|e| e.subject().to_owned()))
             .bind(events.iter().map(Event::time).collect::<Vec<_>>())
             .bind(col(|e| e.datacontenttype().to_owned()))
-            .bind(events.iter().map(|e| e.dataschema().map(str::to_owned)).collect::<Vec<_>>())
+            .bind(
+                events
+                    .iter()
+                    .map(|e| e.dataschema().map(str::to_owned))
+                    .collect::<Vec<_>>(),
+            )
             .bind(col(|e| e.data().get().to_owned()))
             .bind(col(metadata_json))
             .execute(&mut *conn)
@@ -415,8 +421,20 @@ impl OutboxStore for PgOutbox {
         if !outcome.retry.is_empty() {
             applied += sqlx::query(AssertSqlSafe(self.sql.retry.clone()))
                 .bind(outcome.retry.iter().map(|r| r.sequence).collect::<Vec<_>>())
-                .bind(outcome.retry.iter().map(|r| r.delay.as_secs_f64()).collect::<Vec<_>>())
-                .bind(outcome.retry.iter().map(|r| clip_error(&r.error)).collect::<Vec<_>>())
+                .bind(
+                    outcome
+                        .retry
+                        .iter()
+                        .map(|r| r.delay.as_secs_f64())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    outcome
+                        .retry
+                        .iter()
+                        .map(|r| clip_error(&r.error))
+                        .collect::<Vec<_>>(),
+                )
                 .bind(token.0)
                 .execute(&mut *tx)
                 .await
@@ -426,7 +444,13 @@ impl OutboxStore for PgOutbox {
         if !outcome.dead.is_empty() {
             applied += sqlx::query(AssertSqlSafe(self.sql.dead.clone()))
                 .bind(outcome.dead.iter().map(|d| d.sequence).collect::<Vec<_>>())
-                .bind(outcome.dead.iter().map(|d| clip_error(&d.error)).collect::<Vec<_>>())
+                .bind(
+                    outcome
+                        .dead
+                        .iter()
+                        .map(|d| clip_error(&d.error))
+                        .collect::<Vec<_>>(),
+                )
                 .bind(token.0)
                 .execute(&mut *tx)
                 .await
@@ -480,7 +504,9 @@ impl OutboxStore for PgOutbox {
         if !self.notify {
             return Ok(None);
         }
-        let mut listener = PgListener::connect_with(&self.pool).await.map_err(classify)?;
+        let mut listener = PgListener::connect_with(&self.pool)
+            .await
+            .map_err(classify)?;
         listener.listen(&self.sql.channel).await.map_err(classify)?;
         let stream = futures::stream::unfold(listener, |mut listener| async move {
             if let Err(e) = listener.recv().await {

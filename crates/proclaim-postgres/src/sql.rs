@@ -4,7 +4,8 @@ use std::sync::Arc;
 
 use crate::ident::{Ident, fnv1a};
 
-const COLUMNS: &str = "id, event_type, source, subject, event_time, datacontenttype, dataschema, data, metadata";
+const COLUMNS: &str =
+    "id, event_type, source, subject, event_time, datacontenttype, dataschema, data, metadata";
 
 pub(crate) struct Sql {
     pub(crate) qualified: String,

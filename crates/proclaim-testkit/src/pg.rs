@@ -54,7 +54,11 @@ impl Drop for TestSchema {
                 .build()
                 .unwrap();
             rt.block_on(async {
-                if let Ok(pool) = PgPoolOptions::new().max_connections(1).connect(&database_url()).await {
+                if let Ok(pool) = PgPoolOptions::new()
+                    .max_connections(1)
+                    .connect(&database_url())
+                    .await
+                {
                     let sql = format!(r#"DROP SCHEMA IF EXISTS "{name}" CASCADE"#);
                     if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&pool).await {
                         tracing::warn!(error = %e, schema = %name, "could not drop test schema");

@@ -34,7 +34,10 @@ impl<P: Publisher> Instrumented<P> {
     }
 
     /// Fails the events for which `f` returns an error, instead of publishing them.
-    pub fn failing(mut self, f: impl Fn(&OutboxRecord) -> Option<PublishError> + Send + Sync + 'static) -> Self {
+    pub fn failing(
+        mut self,
+        f: impl Fn(&OutboxRecord) -> Option<PublishError> + Send + Sync + 'static,
+    ) -> Self {
         self.fail = Some(Box::new(f));
         self
     }
@@ -56,7 +59,12 @@ impl<P: Publisher> Instrumented<P> {
     }
 
     pub fn total_calls(&self) -> u64 {
-        self.calls.lock().unwrap().values().map(|n| u64::from(*n)).sum()
+        self.calls
+            .lock()
+            .unwrap()
+            .values()
+            .map(|n| u64::from(*n))
+            .sum()
     }
 }
 

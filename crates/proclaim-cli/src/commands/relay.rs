@@ -5,7 +5,11 @@ use proclaim::{CancellationToken, Relay};
 use crate::args::RelayArgs;
 use crate::settings::{FileConfig, StoreSettings, relay_settings};
 
-pub(crate) async fn run(settings: &StoreSettings, args: RelayArgs, file: FileConfig) -> anyhow::Result<()> {
+pub(crate) async fn run(
+    settings: &StoreSettings,
+    args: RelayArgs,
+    file: FileConfig,
+) -> anyhow::Result<()> {
     let (config, nats, metrics_addr) = relay_settings(&args, file)?;
     if let Some(addr) = metrics_addr {
         metrics_exporter_prometheus::PrometheusBuilder::new()
@@ -40,7 +44,10 @@ async fn wait_for_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+        match (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) {
             (Ok(mut int), Ok(mut term)) => {
                 tokio::select! {
                     _ = int.recv() => {}

@@ -32,7 +32,9 @@ pub(crate) async fn run(settings: &StoreSettings, args: StatusArgs) -> anyhow::R
     writeln!(
         out,
         "oldest pending  {}",
-        humantime::format_duration(std::time::Duration::from_millis(stats.oldest_pending_age_ms))
+        humantime::format_duration(std::time::Duration::from_millis(
+            stats.oldest_pending_age_ms
+        ))
     )?;
     for d in dead {
         writeln!(

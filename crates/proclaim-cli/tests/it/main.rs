@@ -8,9 +8,9 @@ use std::time::Duration;
 use proclaim::Event;
 use proclaim::nats::decode_message;
 use proclaim::postgres::{PgOutbox, PgOutboxOptions};
+use proclaim_testkit::eventually;
 use proclaim_testkit::nats::{TestStream, nats_url};
 use proclaim_testkit::pg::{TestSchema, database_url};
-use proclaim_testkit::eventually;
 use tokio::process::{Child, Command};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -29,7 +29,8 @@ fn proclaim() -> Command {
 /// A command bound to a test's own schema and stream.
 fn bound(ts: &TestSchema, stream: Option<&TestStream>) -> Command {
     let mut cmd = proclaim();
-    cmd.env("PROCLAIM_DATABASE_URL", database_url()).env("PROCLAIM_SCHEMA", &ts.name);
+    cmd.env("PROCLAIM_DATABASE_URL", database_url())
+        .env("PROCLAIM_SCHEMA", &ts.name);
     if let Some(s) = stream {
         cmd.env("PROCLAIM_NATS_URL", nats_url())
             .env("PROCLAIM_STREAM", &s.name)
@@ -59,7 +60,11 @@ fn assert_fails(out: &Output, code: i32, needle: &str) {
 async fn migrated(ts: &TestSchema) -> PgOutbox {
     let out = run(&mut bound(ts, None), &["migrate"]).await;
     assert!(out.status.success(), "{}", stderr(&out));
-    PgOutbox::with_options(ts.pool.clone(), PgOutboxOptions::default().with_schema(&ts.name)).unwrap()
+    PgOutbox::with_options(
+        ts.pool.clone(),
+        PgOutboxOptions::default().with_schema(&ts.name),
+    )
+    .unwrap()
 }
 
 #[tokio::test]
@@ -68,11 +73,23 @@ async fn emit_then_status_reports_the_pending_event() {
     migrated(&ts).await;
     let out = run(
         &mut bound(&ts, None),
-        &["emit", "--type", "DonorSecured", "--subject", "donor-1", "--data", r#"{"amount_cents":5000}"#],
+        &[
+            "emit",
+            "--type",
+            "DonorSecured",
+            "--subject",
+            "donor-1",
+            "--data",
+            r#"{"amount_cents":5000}"#,
+        ],
     )
     .await;
     assert!(out.status.success(), "{}", stderr(&out));
-    let id: uuid::Uuid = String::from_utf8(out.stdout).unwrap().trim().parse().unwrap();
+    let id: uuid::Uuid = String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     assert_eq!(id.get_version_num(), 7);
 
     let out = run(&mut bound(&ts, None), &["status", "--json"]).await;
@@ -95,30 +112,58 @@ async fn bad_input_gives_one_line_and_exit_code_2() {
     };
     let out = run(&mut emit("{not json"), &[]).await;
     assert_fails(&out, 2, "not valid JSON");
-    let out = run(&mut bound(&ts, None), &["emit", "--type", "", "--subject", "k"]).await;
+    let out = run(
+        &mut bound(&ts, None),
+        &["emit", "--type", "", "--subject", "k"],
+    )
+    .await;
     assert_fails(&out, 2, "type");
     let out = run(&mut proclaim(), &["status"]).await;
     assert_fails(&out, 2, "no database URL");
-    let out = run(&mut proclaim(), &["--database-url", "redis://127.0.0.1", "status"]).await;
+    let out = run(
+        &mut proclaim(),
+        &["--database-url", "redis://127.0.0.1", "status"],
+    )
+    .await;
     assert_fails(&out, 2, "unsupported database URL");
     let out = run(&mut bound(&ts, None), &["--schema", "x; drop", "status"]).await;
     assert_fails(&out, 2, "not a valid identifier");
     let out = run(&mut bound(&ts, None), &["relay", "--lease", "1s"]).await;
     assert_fails(&out, 2, "lease");
     let out = run(&mut bound(&ts, None), &["relay", "--lease", "soon"]).await;
-    assert_eq!(out.status.code(), Some(2), "clap rejects a bad duration: {}", stderr(&out));
-    let out = run(&mut bound(&ts, None), &["--config", "/nonexistent/proclaim.toml", "status"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "clap rejects a bad duration: {}",
+        stderr(&out)
+    );
+    let out = run(
+        &mut bound(&ts, None),
+        &["--config", "/nonexistent/proclaim.toml", "status"],
+    )
+    .await;
     assert_fails(&out, 2, "does not exist");
 
-    let dir = std::env::temp_dir().join(format!("proclaim-cli-{}", proclaim_testkit::unique_suffix()));
+    let dir = std::env::temp_dir().join(format!(
+        "proclaim-cli-{}",
+        proclaim_testkit::unique_suffix()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     let typo = dir.join("typo.toml");
     std::fs::write(&typo, "[relay]\nbatch_sise = 10\n").unwrap();
-    let out = run(&mut bound(&ts, None), &["--config", typo.to_str().unwrap(), "relay"]).await;
+    let out = run(
+        &mut bound(&ts, None),
+        &["--config", typo.to_str().unwrap(), "relay"],
+    )
+    .await;
     assert_fails(&out, 2, "batch_sise");
     let broken = dir.join("broken.toml");
     std::fs::write(&broken, "[relay\n").unwrap();
-    let out = run(&mut bound(&ts, None), &["--config", broken.to_str().unwrap(), "status"]).await;
+    let out = run(
+        &mut bound(&ts, None),
+        &["--config", broken.to_str().unwrap(), "status"],
+    )
+    .await;
     assert_fails(&out, 2, "invalid config file");
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -126,8 +171,20 @@ async fn bad_input_gives_one_line_and_exit_code_2() {
 #[tokio::test]
 async fn unreachable_services_give_one_line_and_exit_code_1() {
     let ts = TestSchema::new().await;
-    let out = run(&mut proclaim(), &["--database-url", "postgres://postgres:secret@127.0.0.1:1/test", "status"]).await;
-    assert_fails(&out, 1, "cannot connect to the database at postgres://postgres:***@127.0.0.1:1/test");
+    let out = run(
+        &mut proclaim(),
+        &[
+            "--database-url",
+            "postgres://postgres:secret@127.0.0.1:1/test",
+            "status",
+        ],
+    )
+    .await;
+    assert_fails(
+        &out,
+        1,
+        "cannot connect to the database at postgres://postgres:***@127.0.0.1:1/test",
+    );
     assert!(!stderr(&out).contains("secret"));
 
     // Not migrated yet: a hint, not a stack trace.
@@ -142,7 +199,10 @@ async fn unreachable_services_give_one_line_and_exit_code_1() {
 }
 
 async fn wait_for_exit(child: &mut Child) -> std::process::ExitStatus {
-    tokio::time::timeout(WAIT, child.wait()).await.expect("relay did not exit").unwrap()
+    tokio::time::timeout(WAIT, child.wait())
+        .await
+        .expect("relay did not exit")
+        .unwrap()
 }
 
 fn sigterm(child: &Child) {
@@ -183,11 +243,19 @@ async fn relay_delivers_and_exits_0_on_sigterm() {
     let stream = TestStream::new().await;
     let outbox = migrated(&ts).await;
     let written = write_events(&outbox, 300, 7).await;
-    let mut relay = bound(&ts, Some(&stream)).arg("relay").stdin(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut relay = bound(&ts, Some(&stream))
+        .arg("relay")
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     stream.wait_for_count(300, WAIT).await;
     sigterm(&relay);
     let status = wait_for_exit(&mut relay).await;
-    assert!(status.success(), "relay must exit 0 after SIGTERM: {status:?}");
+    assert!(
+        status.success(),
+        "relay must exit 0 after SIGTERM: {status:?}"
+    );
     let ids = delivered_ids(&stream).await;
     assert_eq!(ids.len(), 300);
     assert_eq!(ids.into_iter().collect::<HashSet<_>>(), written);
@@ -201,17 +269,31 @@ async fn relay_killed_mid_batch_strands_nothing() {
     let written = write_events(&outbox, 20_000, 100).await;
     let relay_cmd = || {
         let mut cmd = bound(&ts, Some(&stream));
-        cmd.args(["relay", "--lease", "2s", "--publish-timeout", "1s", "--batch-size", "100"])
-            .stdin(Stdio::null());
+        cmd.args([
+            "relay",
+            "--lease",
+            "2s",
+            "--publish-timeout",
+            "1s",
+            "--batch-size",
+            "100",
+        ])
+        .stdin(Stdio::null());
         cmd
     };
     let mut first = relay_cmd().spawn().unwrap();
-    eventually(WAIT, "first relay has published some events", || async { stream.count().await >= 2_000 }).await;
+    eventually(WAIT, "first relay has published some events", || async {
+        stream.count().await >= 2_000
+    })
+    .await;
     first.start_kill().unwrap(); // SIGKILL: no chance to finish or release anything
     let status = wait_for_exit(&mut first).await;
     assert!(!status.success());
     let at_kill = outbox_stats(&outbox).await;
-    assert!(at_kill.pending + at_kill.in_flight > 0, "killed before the end: {at_kill:?}");
+    assert!(
+        at_kill.pending + at_kill.in_flight > 0,
+        "killed before the end: {at_kill:?}"
+    );
 
     let mut second = relay_cmd().spawn().unwrap();
     stream.wait_for_count(20_000, WAIT).await;
@@ -226,7 +308,11 @@ async fn relay_killed_mid_batch_strands_nothing() {
     let ids = delivered_ids(&stream).await;
     let unique: HashSet<_> = ids.iter().copied().collect();
     assert_eq!(unique, written, "every event delivered after the restart");
-    assert_eq!(ids.len(), 20_000, "JetStream's duplicate window drops the republished ones");
+    assert_eq!(
+        ids.len(),
+        20_000,
+        "JetStream's duplicate window drops the republished ones"
+    );
 }
 
 async fn outbox_stats(outbox: &PgOutbox) -> proclaim::OutboxStats {

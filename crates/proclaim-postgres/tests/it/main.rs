@@ -43,7 +43,11 @@ fn numbers(batch: &proclaim_core::ClaimedBatch) -> Vec<u64> {
     batch
         .records
         .iter()
-        .map(|r| r.event.data_as::<serde_json::Value>().unwrap()["n"].as_u64().unwrap())
+        .map(|r| {
+            r.event.data_as::<serde_json::Value>().unwrap()["n"]
+                .as_u64()
+                .unwrap()
+        })
         .collect()
 }
 
@@ -61,12 +65,20 @@ async fn committed_events_are_stored_and_rolled_back_ones_are_not() {
     let insert_donor = format!(r#"INSERT INTO "{}".campaign_donors VALUES ($1)"#, ts.name);
 
     let mut tx = ts.pool.begin().await.unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(insert_donor.clone())).bind(1_i64).execute(&mut *tx).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(insert_donor.clone()))
+        .bind(1_i64)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
     outbox.enqueue(&mut tx, &event("donor-1", 1)).await.unwrap();
     tx.rollback().await.unwrap();
 
     let mut tx = ts.pool.begin().await.unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(insert_donor)).bind(2_i64).execute(&mut *tx).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(insert_donor))
+        .bind(2_i64)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
     outbox.enqueue(&mut tx, &event("donor-2", 2)).await.unwrap();
     drop(tx); // dropped without commit = rollback
 
@@ -94,8 +106,15 @@ async fn stored_event_round_trips_exactly() {
     let batch = outbox.claim(LeaseToken::new(), 10, LEASE).await.unwrap();
     let back = &batch.records[0];
     // Microsecond precision is what PostgreSQL keeps.
-    assert_eq!(back.event.time().timestamp_micros(), original.time().timestamp_micros());
-    assert_eq!(back.event.data().get(), original.data().get(), "payload bytes kept verbatim");
+    assert_eq!(
+        back.event.time().timestamp_micros(),
+        original.time().timestamp_micros()
+    );
+    assert_eq!(
+        back.event.data().get(),
+        original.data().get(),
+        "payload bytes kept verbatim"
+    );
     assert_eq!(back.event.metadata(), original.metadata());
     assert_eq!(back.event.id(), original.id());
     assert_eq!(back.event.dataschema(), original.dataschema());
@@ -115,7 +134,11 @@ async fn late_committing_transaction_is_not_skipped() {
     assert_eq!(numbers(&first), vec![2]);
     t1.commit().await.unwrap();
     let second = outbox.claim(LeaseToken::new(), 100, LEASE).await.unwrap();
-    assert_eq!(numbers(&second), vec![1], "the late commit must still be claimed");
+    assert_eq!(
+        numbers(&second),
+        vec![1],
+        "the late commit must still be claimed"
+    );
     assert!(second.records[0].sequence < first.records[0].sequence);
 }
 
@@ -130,7 +153,10 @@ async fn writers_of_one_subject_are_sequenced_in_commit_order() {
     let (pid_tx, pid_rx) = tokio::sync::oneshot::channel::<i32>();
     let second = tokio::spawn(async move {
         let mut t2 = o2.pool().begin().await.unwrap();
-        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut *t2).await.unwrap();
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut *t2)
+            .await
+            .unwrap();
         pid_tx.send(pid).unwrap();
         o2.enqueue(&mut t2, &event("same", 2)).await.unwrap();
         t2.commit().await.unwrap();
@@ -181,7 +207,16 @@ async fn batch_enqueue_keeps_order_and_is_atomic() {
 async fn claims_respect_per_subject_order() {
     let ts = TestSchema::new().await;
     let outbox = outbox(&ts).await;
-    write(&outbox, &[event("k", 1), event("k", 2), event("other", 3), event("k", 4)]).await;
+    write(
+        &outbox,
+        &[
+            event("k", 1),
+            event("k", 2),
+            event("other", 3),
+            event("k", 4),
+        ],
+    )
+    .await;
 
     // A claim of one takes the head of k.
     let a = LeaseToken::new();
@@ -202,17 +237,22 @@ async fn claims_respect_per_subject_order() {
     };
     outbox.complete(a, &outcome, AckMode::Delete).await.unwrap();
     let blocked = outbox.claim(LeaseToken::new(), 100, LEASE).await.unwrap();
-    assert!(blocked.is_empty(), "k is blocked behind its failing head: {:?}", numbers(&blocked));
+    assert!(
+        blocked.is_empty(),
+        "k is blocked behind its failing head: {:?}",
+        numbers(&blocked)
+    );
 
     // Once the retry is due, the whole of k comes, in order, attempt 2 for its head.
-    let again = proclaim_testkit::eventually_value(Duration::from_secs(10), "retry becomes due", || {
-        let outbox = outbox.clone();
-        async move {
-            let b = outbox.claim(LeaseToken::new(), 100, LEASE).await.unwrap();
-            (!b.is_empty()).then_some(b)
-        }
-    })
-    .await;
+    let again =
+        proclaim_testkit::eventually_value(Duration::from_secs(10), "retry becomes due", || {
+            let outbox = outbox.clone();
+            async move {
+                let b = outbox.claim(LeaseToken::new(), 100, LEASE).await.unwrap();
+                (!b.is_empty()).then_some(b)
+            }
+        })
+        .await;
     assert_eq!(numbers(&again), vec![1, 2, 4]);
     assert_eq!(again.records[0].attempts, 2);
 }
@@ -221,7 +261,11 @@ async fn claims_respect_per_subject_order() {
 async fn outcome_kinds_and_fencing() {
     let ts = TestSchema::new().await;
     let outbox = outbox(&ts).await;
-    write(&outbox, &[event("a", 1), event("b", 2), event("c", 3), event("d", 4)]).await;
+    write(
+        &outbox,
+        &[event("a", 1), event("b", 2), event("c", 3), event("d", 4)],
+    )
+    .await;
     let token = LeaseToken::new();
     let batch = outbox.claim(token, 100, LEASE).await.unwrap();
     let seq: Vec<i64> = batch.records.iter().map(|r| r.sequence).collect();
@@ -231,16 +275,29 @@ async fn outcome_kinds_and_fencing() {
         published: seq.clone(),
         ..Default::default()
     };
-    let report = outbox.complete(LeaseToken::new(), &stale, AckMode::Delete).await.unwrap();
+    let report = outbox
+        .complete(LeaseToken::new(), &stale, AckMode::Delete)
+        .await
+        .unwrap();
     assert_eq!((report.applied, report.lost), (0, 4));
 
     let outcome = BatchOutcome {
         published: vec![seq[0]],
-        retry: vec![Retry { sequence: seq[1], delay: Duration::from_secs(3600), error: "later".into() }],
-        dead: vec![DeadLetter { sequence: seq[2], error: "poison\0with nul".into() }],
+        retry: vec![Retry {
+            sequence: seq[1],
+            delay: Duration::from_secs(3600),
+            error: "later".into(),
+        }],
+        dead: vec![DeadLetter {
+            sequence: seq[2],
+            error: "poison\0with nul".into(),
+        }],
         released: vec![seq[3]],
     };
-    let report = outbox.complete(token, &outcome, AckMode::Delete).await.unwrap();
+    let report = outbox
+        .complete(token, &outcome, AckMode::Delete)
+        .await
+        .unwrap();
     assert_eq!((report.applied, report.lost), (4, 0));
 
     let stats = outbox.stats().await.unwrap();
@@ -270,17 +327,27 @@ async fn expired_lease_is_reclaimed() {
     let ts = TestSchema::new().await;
     let outbox = outbox(&ts).await;
     write(&outbox, &[event("a", 1), event("a", 2)]).await;
-    let dead_relay = outbox.claim(LeaseToken::new(), 100, Duration::from_millis(200)).await.unwrap();
+    let dead_relay = outbox
+        .claim(LeaseToken::new(), 100, Duration::from_millis(200))
+        .await
+        .unwrap();
     assert_eq!(dead_relay.len(), 2);
-    assert!(outbox.claim(LeaseToken::new(), 100, LEASE).await.unwrap().is_empty());
-    let taken_over = proclaim_testkit::eventually_value(Duration::from_secs(10), "lease expires", || {
-        let outbox = outbox.clone();
-        async move {
-            let b = outbox.claim(LeaseToken::new(), 100, LEASE).await.unwrap();
-            (!b.is_empty()).then_some(b)
-        }
-    })
-    .await;
+    assert!(
+        outbox
+            .claim(LeaseToken::new(), 100, LEASE)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let taken_over =
+        proclaim_testkit::eventually_value(Duration::from_secs(10), "lease expires", || {
+            let outbox = outbox.clone();
+            async move {
+                let b = outbox.claim(LeaseToken::new(), 100, LEASE).await.unwrap();
+                (!b.is_empty()).then_some(b)
+            }
+        })
+        .await;
     assert_eq!(numbers(&taken_over), vec![1, 2]);
     assert!(taken_over.records.iter().all(|r| r.attempts == 2));
 }
@@ -289,17 +356,25 @@ async fn expired_lease_is_reclaimed() {
 async fn concurrent_claimers_never_overlap_and_lose_nothing() {
     let ts = TestSchema::new().await;
     let outbox = outbox(&ts).await;
-    let events: Vec<Event> = (0..2000).map(|n| event(&format!("k{}", n % 97), n)).collect();
+    let events: Vec<Event> = (0..2000)
+        .map(|n| event(&format!("k{}", n % 97), n))
+        .collect();
     for chunk in events.chunks(500) {
         let mut tx = ts.pool.begin().await.unwrap();
         outbox.enqueue_batch(&mut tx, chunk).await.unwrap();
         tx.commit().await.unwrap();
     }
     let other_pool = ts.another_pool().await;
-    let other = PgOutbox::with_options(other_pool, PgOutboxOptions::default().with_schema(&ts.name)).unwrap();
+    let other =
+        PgOutbox::with_options(other_pool, PgOutboxOptions::default().with_schema(&ts.name))
+            .unwrap();
     let mut tasks = Vec::new();
     for i in 0..6 {
-        let o = if i % 2 == 0 { outbox.clone() } else { other.clone() };
+        let o = if i % 2 == 0 {
+            outbox.clone()
+        } else {
+            other.clone()
+        };
         tasks.push(tokio::spawn(async move {
             let mut seen = Vec::new();
             loop {
@@ -315,7 +390,10 @@ async fn concurrent_claimers_never_overlap_and_lose_nothing() {
                 }
                 let published: Vec<i64> = batch.records.iter().map(|r| r.sequence).collect();
                 seen.extend(batch.records.iter().map(|r| r.event.id()));
-                let outcome = BatchOutcome { published, ..Default::default() };
+                let outcome = BatchOutcome {
+                    published,
+                    ..Default::default()
+                };
                 let report = o.complete(token, &outcome, AckMode::Delete).await.unwrap();
                 assert_eq!(report.lost, 0);
             }
@@ -342,13 +420,34 @@ async fn retention_keeps_published_rows_until_purged() {
         published: batch.records.iter().map(|r| r.sequence).collect(),
         ..Default::default()
     };
-    outbox.complete(token, &outcome, AckMode::Retain).await.unwrap();
+    outbox
+        .complete(token, &outcome, AckMode::Retain)
+        .await
+        .unwrap();
     let stats = outbox.stats().await.unwrap();
     assert_eq!((stats.pending, stats.published_retained), (0, 2));
-    assert!(outbox.claim(LeaseToken::new(), 10, LEASE).await.unwrap().is_empty());
-    assert_eq!(outbox.purge_published(Duration::from_secs(3600)).await.unwrap(), 0);
+    assert!(
+        outbox
+            .claim(LeaseToken::new(), 10, LEASE)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        outbox
+            .purge_published(Duration::from_secs(3600))
+            .await
+            .unwrap(),
+        0
+    );
     tokio::time::sleep(Duration::from_millis(20)).await;
-    assert_eq!(outbox.purge_published(Duration::from_millis(1)).await.unwrap(), 2);
+    assert_eq!(
+        outbox
+            .purge_published(Duration::from_millis(1))
+            .await
+            .unwrap(),
+        2
+    );
     assert_eq!(outbox.stats().await.unwrap().published_retained, 0);
 }
 
@@ -367,13 +466,21 @@ async fn malformed_rows_are_reported_not_fatal() {
     let batch = outbox.claim(LeaseToken::new(), 10, LEASE).await.unwrap();
     assert_eq!(numbers(&batch), vec![2]);
     assert_eq!(batch.malformed.len(), 1);
-    assert!(batch.malformed[0].error.contains("metadata"), "{}", batch.malformed[0].error);
+    assert!(
+        batch.malformed[0].error.contains("metadata"),
+        "{}",
+        batch.malformed[0].error
+    );
 }
 
 #[tokio::test]
 async fn migrate_is_idempotent_and_verify_explains_a_missing_table() {
     let ts = TestSchema::new().await;
-    let outbox = PgOutbox::with_options(ts.pool.clone(), PgOutboxOptions::default().with_schema(&ts.name)).unwrap();
+    let outbox = PgOutbox::with_options(
+        ts.pool.clone(),
+        PgOutboxOptions::default().with_schema(&ts.name),
+    )
+    .unwrap();
     let err = outbox.verify_schema().await.unwrap_err();
     assert!(err.to_string().contains("proclaim migrate"), "{err}");
     let (a, b) = tokio::join!(outbox.migrate(), outbox.migrate());
@@ -394,10 +501,15 @@ async fn identifier_validation_rejects_injection() {
     ] {
         let err = PgOutbox::with_options(
             ts.pool.clone(),
-            PgOutboxOptions::default().with_schema(schema).with_table(table),
+            PgOutboxOptions::default()
+                .with_schema(schema)
+                .with_table(table),
         )
         .unwrap_err();
-        assert!(matches!(err, StoreError::Config(_)), "{schema}.{table}: {err}");
+        assert!(
+            matches!(err, StoreError::Config(_)),
+            "{schema}.{table}: {err}"
+        );
     }
 }
 
@@ -406,13 +518,20 @@ async fn notify_wakes_a_listener_on_commit_only() {
     use futures::StreamExt;
     let ts = TestSchema::new().await;
     let outbox = outbox(&ts).await;
-    let mut wakeups = outbox.wakeups().await.unwrap().expect("notify is on by default");
+    let mut wakeups = outbox
+        .wakeups()
+        .await
+        .unwrap()
+        .expect("notify is on by default");
 
     let mut tx = ts.pool.begin().await.unwrap();
     outbox.enqueue(&mut tx, &event("a", 1)).await.unwrap();
     tx.rollback().await.unwrap();
     let nothing = tokio::time::timeout(Duration::from_millis(300), wakeups.next()).await;
-    assert!(nothing.is_err(), "a rolled-back write must not wake the relay");
+    assert!(
+        nothing.is_err(),
+        "a rolled-back write must not wake the relay"
+    );
 
     write(&outbox, &[event("a", 2), event("b", 3)]).await;
     let woke = tokio::time::timeout(Duration::from_secs(5), wakeups.next()).await;

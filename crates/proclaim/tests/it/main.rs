@@ -30,7 +30,11 @@ impl Harness {
         init_tracing();
         let ts = TestSchema::new().await;
         let stream = TestStream::new().await;
-        let outbox = PgOutbox::with_options(ts.pool.clone(), PgOutboxOptions::default().with_schema(&ts.name)).unwrap();
+        let outbox = PgOutbox::with_options(
+            ts.pool.clone(),
+            PgOutboxOptions::default().with_schema(&ts.name),
+        )
+        .unwrap();
         outbox.migrate().await.unwrap();
         Harness {
             ts,
@@ -53,7 +57,9 @@ impl Harness {
 
     /// Commits `count` events over `keys` subjects, `per_tx` per transaction.
     async fn write(&self, count: u64, keys: u64, per_tx: u64) -> Vec<Event> {
-        let start = self.next.fetch_add(count, std::sync::atomic::Ordering::SeqCst);
+        let start = self
+            .next
+            .fetch_add(count, std::sync::atomic::Ordering::SeqCst);
         let events: Vec<Event> = (start..start + count)
             .map(|n| event(&format!("donor-{}", n % keys), n))
             .collect();
@@ -100,14 +106,22 @@ fn event(subject: &str, n: u64) -> Event {
 }
 
 fn n_of(e: &Event) -> u64 {
-    e.data_as::<serde_json::Value>().unwrap()["n"].as_u64().unwrap()
+    e.data_as::<serde_json::Value>().unwrap()["n"]
+        .as_u64()
+        .unwrap()
 }
 
 fn fast_config() -> RelayConfig {
     RelayConfig::default()
         .with_poll_interval(Duration::from_millis(200))
-        .with_backoff(Backoff::new(Duration::from_millis(50), Duration::from_millis(400)))
-        .with_outage_backoff(Backoff::new(Duration::from_millis(50), Duration::from_millis(300)))
+        .with_backoff(Backoff::new(
+            Duration::from_millis(50),
+            Duration::from_millis(400),
+        ))
+        .with_outage_backoff(Backoff::new(
+            Duration::from_millis(50),
+            Duration::from_millis(300),
+        ))
 }
 
 /// Each subject's events arrive in the order they were written.
@@ -116,7 +130,11 @@ fn assert_per_key_order(delivered: &[Event]) {
     for e in delivered {
         let n = n_of(e);
         if let Some(prev) = last.insert(e.subject(), n) {
-            assert!(prev < n, "subject {}: {n} arrived after {prev}", e.subject());
+            assert!(
+                prev < n,
+                "subject {}: {n} arrived after {prev}",
+                e.subject()
+            );
         }
     }
 }
@@ -129,7 +147,13 @@ fn ids(events: &[Event]) -> HashSet<Uuid> {
 async fn every_committed_event_is_published_exactly_once_in_key_order() {
     let h = Harness::new().await;
     let written = h.write(1000, 25, 10).await;
-    let relay = Relay::new(h.outbox.clone(), h.publisher().await, fast_config().with_batch_size(64)).unwrap().spawn();
+    let relay = Relay::new(
+        h.outbox.clone(),
+        h.publisher().await,
+        fast_config().with_batch_size(64),
+    )
+    .unwrap()
+    .spawn();
     h.stream.wait_for_count(1000, WAIT).await;
     h.wait_until_drained().await;
     let report = relay.shutdown().await;
@@ -140,7 +164,11 @@ async fn every_committed_event_is_published_exactly_once_in_key_order() {
     assert_per_key_order(&delivered);
     assert_eq!(report.published, 1000);
     assert_eq!(report.dead_lettered, 0);
-    assert_eq!(h.outbox.stats().await.unwrap().published_retained, 0, "rows deleted on ack");
+    assert_eq!(
+        h.outbox.stats().await.unwrap().published_retained,
+        0,
+        "rows deleted on ack"
+    );
     // Delivered as written, byte for byte.
     let by_id: HashMap<Uuid, &Event> = written.iter().map(|e| (e.id(), e)).collect();
     for d in &delivered {
@@ -153,7 +181,9 @@ async fn every_committed_event_is_published_exactly_once_in_key_order() {
 #[tokio::test]
 async fn rolled_back_events_are_never_published() {
     let h = Harness::new().await;
-    let relay = Relay::new(h.outbox.clone(), h.publisher().await, fast_config()).unwrap().spawn();
+    let relay = Relay::new(h.outbox.clone(), h.publisher().await, fast_config())
+        .unwrap()
+        .spawn();
     let mut committed = Vec::new();
     for n in 0..40 {
         let e = event(&format!("donor-{n}"), n);
@@ -177,7 +207,9 @@ async fn rolled_back_events_are_never_published() {
 #[tokio::test]
 async fn late_committing_transaction_is_still_delivered() {
     let h = Harness::new().await;
-    let relay = Relay::new(h.outbox.clone(), h.publisher().await, fast_config()).unwrap().spawn();
+    let relay = Relay::new(h.outbox.clone(), h.publisher().await, fast_config())
+        .unwrap()
+        .spawn();
     let late = event("donor-late", 1);
     let mut t1 = h.ts.pool.begin().await.unwrap();
     h.outbox.enqueue(&mut t1, &late).await.unwrap();
@@ -195,35 +227,56 @@ async fn late_committing_transaction_is_still_delivered() {
 #[tokio::test]
 async fn broker_outage_loses_nothing() {
     let h = Harness::new().await;
-    let upstream = proclaim_testkit::nats::nats_url().trim_start_matches("nats://").to_owned();
+    let upstream = proclaim_testkit::nats::nats_url()
+        .trim_start_matches("nats://")
+        .to_owned();
     let proxy = FaultProxy::start(upstream).await.unwrap();
-    let publisher = NatsPublisher::connect(h.nats_config().with_url(format!("nats://127.0.0.1:{}", proxy.port())))
-        .await
-        .unwrap();
+    let publisher = NatsPublisher::connect(
+        h.nats_config()
+            .with_url(format!("nats://127.0.0.1:{}", proxy.port())),
+    )
+    .await
+    .unwrap();
     let config = fast_config()
         .with_publish_timeout(Duration::from_millis(500))
         .with_lease(Duration::from_secs(2))
         .with_max_attempts(1000);
-    let relay = Relay::new(h.outbox.clone(), publisher, config).unwrap().spawn();
+    let relay = Relay::new(h.outbox.clone(), publisher, config)
+        .unwrap()
+        .spawn();
 
     // Black hole: the client still believes it is connected; publishes time
     // out and are retried with backoff.
     proxy.set_mode(FaultMode::Blackhole);
     let mut written = h.write(100, 10, 5).await;
     let pool = h.ts.pool.clone();
-    let errors_sql = format!(r#"SELECT count(*) FROM "{}".outbox WHERE last_error IS NOT NULL"#, h.ts.name);
-    eventually(WAIT, "failed attempts recorded while the broker is unreachable", || {
-        let (pool, sql) = (pool.clone(), errors_sql.clone());
-        async move {
-            let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).fetch_one(&pool).await.unwrap();
-            n > 0
-        }
-    })
+    let errors_sql = format!(
+        r#"SELECT count(*) FROM "{}".outbox WHERE last_error IS NOT NULL"#,
+        h.ts.name
+    );
+    eventually(
+        WAIT,
+        "failed attempts recorded while the broker is unreachable",
+        || {
+            let (pool, sql) = (pool.clone(), errors_sql.clone());
+            async move {
+                let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+                n > 0
+            }
+        },
+    )
     .await;
     // Refused: the client knows it is disconnected; the relay claims nothing.
     proxy.set_mode(FaultMode::Refuse);
     written.extend(h.write(100, 10, 5).await);
-    assert_eq!(h.stream.count().await, 0, "nothing can arrive during the outage");
+    assert_eq!(
+        h.stream.count().await,
+        0,
+        "nothing can arrive during the outage"
+    );
     assert_eq!(h.outbox.stats().await.unwrap().dead_lettered, 0);
 
     proxy.set_mode(FaultMode::Pass);
@@ -231,7 +284,11 @@ async fn broker_outage_loses_nothing() {
     h.wait_until_drained().await;
     relay.shutdown().await;
     let delivered = h.delivered().await;
-    assert_eq!(delivered.len(), 200, "JetStream dedup leaves each event once");
+    assert_eq!(
+        delivered.len(),
+        200,
+        "JetStream dedup leaves each event once"
+    );
     assert_eq!(ids(&delivered), ids(&written));
     assert_per_key_order(&delivered);
 }
@@ -240,7 +297,9 @@ async fn broker_outage_loses_nothing() {
 async fn poison_events_are_dead_lettered_while_others_flow() {
     let h = Harness::new().await;
     // A subject that cannot be a NATS subject token: the real publisher refuses it permanently.
-    let nats = h.nats_config().with_subject_template("{prefix}.{type}.{subject}");
+    let nats = h
+        .nats_config()
+        .with_subject_template("{prefix}.{type}.{subject}");
     let real = NatsPublisher::connect(nats).await.unwrap();
     // And an event the broker keeps failing transiently.
     let publisher = Instrumented::new(real).failing(|r| {
@@ -250,8 +309,16 @@ async fn poison_events_are_dead_lettered_while_others_flow() {
     let config = fast_config().with_max_attempts(3);
 
     let mut tx = h.ts.pool.begin().await.unwrap();
-    let poison = Event::builder("DonorSecured").subject("bad subject").data(&1).build().unwrap();
-    let flaky = Event::builder("Flaky").subject("donor-f").data(&serde_json::json!({"n": 0})).build().unwrap();
+    let poison = Event::builder("DonorSecured")
+        .subject("bad subject")
+        .data(&1)
+        .build()
+        .unwrap();
+    let flaky = Event::builder("Flaky")
+        .subject("donor-f")
+        .data(&serde_json::json!({"n": 0}))
+        .build()
+        .unwrap();
     h.outbox.enqueue(&mut tx, &poison).await.unwrap();
     h.outbox.enqueue(&mut tx, &flaky).await.unwrap();
     tx.commit().await.unwrap();
@@ -261,7 +328,9 @@ async fn poison_events_are_dead_lettered_while_others_flow() {
     tx.commit().await.unwrap();
     let others = h.write(50, 10, 5).await;
 
-    let relay = Relay::new(h.outbox.clone(), publisher.clone(), config).unwrap().spawn();
+    let relay = Relay::new(h.outbox.clone(), publisher.clone(), config)
+        .unwrap()
+        .spawn();
     h.stream.wait_for_count(51, WAIT).await;
     h.wait_until_drained().await;
     let report = relay.shutdown().await;
@@ -270,9 +339,25 @@ async fn poison_events_are_dead_lettered_while_others_flow() {
     assert_eq!(stats.dead_lettered, 2);
     let dead = h.outbox.dead_letters(10).await.unwrap();
     let by_id: HashMap<Uuid, _> = dead.iter().map(|d| (d.id, d)).collect();
-    assert!(by_id[&poison.id()].last_error.starts_with("permanent failure"), "{}", by_id[&poison.id()].last_error);
-    assert_eq!(by_id[&poison.id()].attempts, 1, "a permanent failure is not retried");
-    assert!(by_id[&flaky.id()].last_error.contains("gave up after 3 attempts"), "{}", by_id[&flaky.id()].last_error);
+    assert!(
+        by_id[&poison.id()]
+            .last_error
+            .starts_with("permanent failure"),
+        "{}",
+        by_id[&poison.id()].last_error
+    );
+    assert_eq!(
+        by_id[&poison.id()].attempts,
+        1,
+        "a permanent failure is not retried"
+    );
+    assert!(
+        by_id[&flaky.id()]
+            .last_error
+            .contains("gave up after 3 attempts"),
+        "{}",
+        by_id[&flaky.id()].last_error
+    );
     assert_eq!(by_id[&flaky.id()].attempts, 3);
     assert_eq!(publisher.calls()[&flaky.id()], 3);
     assert_eq!(report.dead_lettered, 2);
@@ -290,18 +375,38 @@ async fn two_relays_never_publish_one_event_concurrently_and_lose_none() {
     let h = Harness::new().await;
     let written = h.write(2000, 40, 50).await;
     let shared = Arc::new(Instrumented::new(h.publisher().await));
-    let second_outbox = PgOutbox::with_options(h.ts.another_pool().await, PgOutboxOptions::default().with_schema(&h.ts.name)).unwrap();
+    let second_outbox = PgOutbox::with_options(
+        h.ts.another_pool().await,
+        PgOutboxOptions::default().with_schema(&h.ts.name),
+    )
+    .unwrap();
     let config = fast_config().with_batch_size(50);
-    let a = Relay::new(h.outbox.clone(), shared.clone(), config.clone()).unwrap().spawn();
-    let b = Relay::new(second_outbox, shared.clone(), config).unwrap().spawn();
+    let a = Relay::new(h.outbox.clone(), shared.clone(), config.clone())
+        .unwrap()
+        .spawn();
+    let b = Relay::new(second_outbox, shared.clone(), config)
+        .unwrap()
+        .spawn();
     h.stream.wait_for_count(2000, WAIT).await;
     h.wait_until_drained().await;
     let (ra, rb) = (a.shutdown().await, b.shutdown().await);
 
-    assert_eq!(shared.overlaps(), 0, "an event was published by two relays at once");
-    assert!(ra.published > 0 && rb.published > 0, "both relays worked: {} / {}", ra.published, rb.published);
+    assert_eq!(
+        shared.overlaps(),
+        0,
+        "an event was published by two relays at once"
+    );
+    assert!(
+        ra.published > 0 && rb.published > 0,
+        "both relays worked: {} / {}",
+        ra.published,
+        rb.published
+    );
     assert_eq!(ra.published + rb.published, 2000);
-    assert!(shared.calls().values().all(|&n| n == 1), "no event published twice");
+    assert!(
+        shared.calls().values().all(|&n| n == 1),
+        "no event published twice"
+    );
     let delivered = h.delivered().await;
     assert_eq!(delivered.len(), 2000);
     assert_eq!(ids(&delivered), ids(&written));
@@ -313,14 +418,27 @@ async fn graceful_shutdown_finishes_in_flight_work() {
     let h = Harness::new().await;
     h.write(300, 300, 50).await;
     let slow = Arc::new(Instrumented::new(h.publisher().await).delayed(Duration::from_millis(20)));
-    let config = fast_config().with_batch_size(100).with_max_concurrent_publishes(10);
-    let relay = Relay::new(h.outbox.clone(), slow.clone(), config).unwrap().spawn();
-    eventually(WAIT, "relay is mid-way", || async { slow.total_calls() >= 30 }).await;
+    let config = fast_config()
+        .with_batch_size(100)
+        .with_max_concurrent_publishes(10);
+    let relay = Relay::new(h.outbox.clone(), slow.clone(), config)
+        .unwrap()
+        .spawn();
+    eventually(WAIT, "relay is mid-way", || async {
+        slow.total_calls() >= 30
+    })
+    .await;
     let report = relay.shutdown().await;
 
     let stats = h.outbox.stats().await.unwrap();
-    assert_eq!(stats.in_flight, 0, "nothing left leased after a graceful stop");
-    assert!(report.published >= 30 && report.published < 300, "{report:?}");
+    assert_eq!(
+        stats.in_flight, 0,
+        "nothing left leased after a graceful stop"
+    );
+    assert!(
+        report.published >= 30 && report.published < 300,
+        "{report:?}"
+    );
     assert_eq!(stats.pending, 300 - report.published);
     assert_eq!(h.stream.count().await, report.published);
 }
@@ -332,7 +450,9 @@ async fn retention_keeps_published_rows_then_purges_them() {
     let config = fast_config()
         .with_retention(Some(Duration::from_millis(300)))
         .with_purge_interval(Duration::from_millis(100));
-    let relay = Relay::new(h.outbox.clone(), h.publisher().await, config).unwrap().spawn();
+    let relay = Relay::new(h.outbox.clone(), h.publisher().await, config)
+        .unwrap()
+        .spawn();
     h.stream.wait_for_count(20, WAIT).await;
     let outbox = h.outbox.clone();
     eventually(WAIT, "published rows purged after retention", || {
