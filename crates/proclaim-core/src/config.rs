@@ -65,6 +65,10 @@ pub struct RelayConfig {
     /// How long a graceful shutdown waits for in-flight batches (default 30 s).
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// How often the relay reads the outbox counts into the
+    /// `proclaim_outbox_*` gauges (default 15 s).
+    #[serde(with = "humantime_serde")]
+    pub stats_interval: Duration,
 }
 
 impl Default for RelayConfig {
@@ -82,6 +86,7 @@ impl Default for RelayConfig {
             retention: None,
             purge_interval: Duration::from_secs(60),
             shutdown_timeout: Duration::from_secs(30),
+            stats_interval: Duration::from_secs(15),
         }
     }
 }
@@ -122,6 +127,8 @@ with! {
     with_purge_interval => purge_interval: Duration;
     /// Sets [`RelayConfig::shutdown_timeout`].
     with_shutdown_timeout => shutdown_timeout: Duration;
+    /// Sets [`RelayConfig::stats_interval`].
+    with_stats_interval => stats_interval: Duration;
 }
 
 impl RelayConfig {
@@ -170,6 +177,9 @@ impl RelayConfig {
                     "{name} needs 0 < initial <= max and a finite multiplier >= 1"
                 ));
             }
+        }
+        if self.stats_interval.is_zero() {
+            return err("stats_interval must be greater than zero".into());
         }
         if self.retention.is_some() && self.purge_interval.is_zero() {
             return err("purge_interval must be greater than zero when retention is set".into());

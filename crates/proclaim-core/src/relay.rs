@@ -62,6 +62,8 @@ struct Shared<S, P> {
     publisher: P,
     config: RelayConfig,
     counters: Counters,
+    /// Cancelled when shutdown starts: chains stop taking new events.
+    stopping: CancellationToken,
 }
 
 /// Delivers every committed outbox event to a [`Publisher`] at least once.
@@ -129,6 +131,7 @@ impl<S: OutboxStore, P: Publisher> Relay<S, P> {
                 publisher,
                 config,
                 counters: Counters::default(),
+                stopping: CancellationToken::new(),
             }),
         })
     }
@@ -165,6 +168,7 @@ async fn run_loop<S: OutboxStore, P: Publisher>(
     let mut batches: JoinSet<()> = JoinSet::new();
     let mut outage_failures = 0u32;
     let mut next_purge = Instant::now();
+    let mut next_stats = Instant::now();
     info!(
         batch_size = config.batch_size,
         lease = ?config.lease,
@@ -188,6 +192,11 @@ async fn run_loop<S: OutboxStore, P: Publisher>(
                 Ok(n) => debug!(purged = n, "purged published events past retention"),
                 Err(e) => warn!(error = %e, "purge failed"),
             }
+        }
+
+        if Instant::now() >= next_stats {
+            next_stats = Instant::now() + config.stats_interval;
+            record_stats(&shared.store).await;
         }
 
         let mut claimed_full = false;
@@ -289,6 +298,19 @@ async fn run_loop<S: OutboxStore, P: Publisher>(
         dead_lettered = report.dead_lettered,
         "relay stopped"
     );
+}
+
+async fn record_stats<S: OutboxStore>(store: &S) {
+    match store.stats().await {
+        Ok(s) => {
+            metrics::gauge!("proclaim_outbox_pending").set(s.pending as f64);
+            metrics::gauge!("proclaim_outbox_in_flight").set(s.in_flight as f64);
+            metrics::gauge!("proclaim_outbox_dead_lettered").set(s.dead_lettered as f64);
+            metrics::gauge!("proclaim_outbox_oldest_pending_age_seconds")
+                .set(s.oldest_pending_age_ms as f64 / 1000.0);
+        }
+        Err(e) => debug!(error = %e, "reading outbox counts failed"),
+    }
 }
 
 fn log_join(done: Result<(), tokio::task::JoinError>) {
@@ -419,7 +441,8 @@ async fn process_batch<S: OutboxStore, P: Publisher>(
 
 /// Publishes the events of one subject in order. The first event that fails
 /// and will be retried stops the chain: the later ones are released, so they
-/// can never overtake it.
+/// can never overtake it. On shutdown, publishes already started finish and
+/// the rest are released.
 async fn publish_chain<S: OutboxStore, P: Publisher>(
     shared: &Shared<S, P>,
     group: Vec<OutboxRecord>,
@@ -429,7 +452,9 @@ async fn publish_chain<S: OutboxStore, P: Publisher>(
     let mut out = BatchOutcome::default();
     let mut records = group.into_iter();
     while let Some(record) = records.next() {
-        if Instant::now() + config.publish_timeout >= deadline {
+        // Stop before the lease could run out mid-publish, or when shutting
+        // down; what is left goes back to the outbox without an attempt.
+        if shared.stopping.is_cancelled() || Instant::now() + config.publish_timeout >= deadline {
             out.released.push(record.sequence);
             out.released.extend(records.map(|r| r.sequence));
             break;

@@ -237,19 +237,45 @@ async fn delivered_ids(stream: &TestStream) -> Vec<uuid::Uuid> {
         .collect()
 }
 
+async fn http_get(addr: &str, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    conn.write_all(request.as_bytes()).await.ok()?;
+    let mut body = String::new();
+    conn.read_to_string(&mut body).await.ok()?;
+    Some(body)
+}
+
 #[tokio::test]
-async fn relay_delivers_and_exits_0_on_sigterm() {
+async fn relay_delivers_serves_metrics_and_exits_0_on_sigterm() {
     let ts = TestSchema::new().await;
     let stream = TestStream::new().await;
     let outbox = migrated(&ts).await;
     let written = write_events(&outbox, 300, 7).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics_addr = format!("127.0.0.1:{port}");
     let mut relay = bound(&ts, Some(&stream))
-        .arg("relay")
+        .args(["relay", "--metrics-addr", &metrics_addr])
         .stdin(Stdio::null())
-        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     stream.wait_for_count(300, WAIT).await;
+    let metrics =
+        proclaim_testkit::eventually_value(WAIT, "published count in /metrics", || async {
+            let body = http_get(&metrics_addr, "/metrics").await?;
+            body.contains("proclaim_relay_events_published_total 300")
+                .then_some(body)
+        })
+        .await;
+    assert!(
+        metrics.contains("proclaim_outbox_dead_lettered"),
+        "{metrics}"
+    );
     sigterm(&relay);
     let status = wait_for_exit(&mut relay).await;
     assert!(
