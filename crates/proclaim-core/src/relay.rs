@@ -511,3 +511,253 @@ async fn publish_chain<S: OutboxStore, P: Publisher>(
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    //! The relay's per-batch decisions, with a fake store that records the
+    //! outcome and a publisher that fails on command (fault injection only;
+    //! the real stores and brokers are tested in their own crates).
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::{
+        AckMode, Backoff, CompleteReport, Event, MalformedRecord, OutboxStats, StoreError,
+    };
+
+    #[derive(Default)]
+    struct RecordingStore {
+        outcomes: Mutex<Vec<BatchOutcome>>,
+    }
+
+    impl OutboxStore for RecordingStore {
+        async fn claim(
+            &self,
+            _: LeaseToken,
+            _: usize,
+            _: Duration,
+        ) -> Result<ClaimedBatch, StoreError> {
+            Ok(ClaimedBatch::default())
+        }
+        async fn complete(
+            &self,
+            _: LeaseToken,
+            outcome: &BatchOutcome,
+            _: AckMode,
+        ) -> Result<CompleteReport, StoreError> {
+            self.outcomes.lock().unwrap().push(outcome.clone());
+            Ok(CompleteReport {
+                applied: outcome.len() as u64,
+                lost: 0,
+            })
+        }
+        async fn purge_published(&self, _: Duration) -> Result<u64, StoreError> {
+            Ok(0)
+        }
+        async fn stats(&self) -> Result<OutboxStats, StoreError> {
+            Ok(OutboxStats::default())
+        }
+    }
+
+    /// Fails sequence numbers as told; `hang` never answers.
+    struct ScriptedPublisher {
+        transient: Vec<i64>,
+        permanent: Vec<i64>,
+        hang: Vec<i64>,
+        order: Mutex<Vec<i64>>,
+    }
+
+    impl Publisher for ScriptedPublisher {
+        async fn publish(&self, record: &OutboxRecord) -> Result<(), PublishError> {
+            let seq = record.sequence;
+            self.order.lock().unwrap().push(seq);
+            if self.hang.contains(&seq) {
+                std::future::pending::<()>().await;
+            }
+            if self.transient.contains(&seq) {
+                return Err(PublishError::transient("busy"));
+            }
+            if self.permanent.contains(&seq) {
+                return Err(PublishError::permanent("too large"));
+            }
+            Ok(())
+        }
+    }
+
+    fn publisher(transient: &[i64], permanent: &[i64], hang: &[i64]) -> ScriptedPublisher {
+        ScriptedPublisher {
+            transient: transient.to_vec(),
+            permanent: permanent.to_vec(),
+            hang: hang.to_vec(),
+            order: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn record(sequence: i64, subject: &str, attempts: u32) -> OutboxRecord {
+        OutboxRecord {
+            sequence,
+            event: Event::builder("T").subject(subject).build().unwrap(),
+            attempts,
+            created_at: chrono::Utc::now(),
+        }
+    }
+
+    async fn run_batch(
+        publisher: ScriptedPublisher,
+        config: RelayConfig,
+        batch: ClaimedBatch,
+        lease_left: Duration,
+    ) -> (BatchOutcome, Vec<i64>) {
+        let relay = Relay::new(RecordingStore::default(), publisher, config).unwrap();
+        let shared = relay.shared;
+        process_batch(
+            shared.clone(),
+            LeaseToken::new(),
+            batch,
+            Instant::now() + lease_left,
+        )
+        .await;
+        let mut outcome = shared.store.outcomes.lock().unwrap().pop().unwrap();
+        outcome.published.sort_unstable();
+        outcome.released.sort_unstable();
+        let order = shared.publisher.order.lock().unwrap().clone();
+        (outcome, order)
+    }
+
+    fn batch(records: Vec<OutboxRecord>) -> ClaimedBatch {
+        ClaimedBatch {
+            records,
+            malformed: Vec::new(),
+        }
+    }
+
+    fn config() -> RelayConfig {
+        RelayConfig::default()
+            .with_max_attempts(3)
+            .with_backoff(Backoff::new(Duration::from_secs(1), Duration::from_secs(8)))
+    }
+
+    #[tokio::test]
+    async fn a_retried_event_holds_back_only_later_events_of_its_subject() {
+        let records = vec![
+            record(1, "k", 1),
+            record(2, "k", 1),
+            record(3, "j", 1),
+            record(4, "k", 1),
+        ];
+        let (out, order) = run_batch(
+            publisher(&[2], &[], &[]),
+            config(),
+            batch(records),
+            Duration::from_secs(30),
+        )
+        .await;
+        assert_eq!(out.published, vec![1, 3]);
+        assert_eq!(out.retry.len(), 1);
+        assert_eq!(out.retry[0].sequence, 2);
+        assert!(
+            out.retry[0].delay >= Duration::from_millis(500)
+                && out.retry[0].delay <= Duration::from_secs(1)
+        );
+        assert_eq!(out.released, vec![4], "4 must not overtake 2");
+        assert!(!order.contains(&4));
+        assert!(out.dead.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_permanent_failure_is_dead_lettered_and_its_subject_goes_on() {
+        let records = vec![record(1, "k", 1), record(2, "k", 1), record(3, "k", 1)];
+        let (out, order) = run_batch(
+            publisher(&[], &[2], &[]),
+            config(),
+            batch(records),
+            Duration::from_secs(30),
+        )
+        .await;
+        assert_eq!(out.published, vec![1, 3]);
+        assert_eq!(out.dead.len(), 1);
+        assert!(
+            out.dead[0]
+                .error
+                .starts_with("permanent failure: too large"),
+            "{}",
+            out.dead[0].error
+        );
+        assert_eq!(
+            order,
+            vec![1, 2, 3],
+            "one subject is published strictly in order"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_last_allowed_attempt_dead_letters_with_the_error() {
+        let records = vec![record(1, "k", 3), record(2, "k", 1)];
+        let (out, _) = run_batch(
+            publisher(&[1], &[], &[]),
+            config(),
+            batch(records),
+            Duration::from_secs(30),
+        )
+        .await;
+        assert_eq!(out.dead.len(), 1);
+        assert_eq!(out.dead[0].error, "gave up after 3 attempts: busy");
+        assert_eq!(out.published, vec![2]);
+    }
+
+    #[tokio::test]
+    async fn a_hung_publish_times_out_into_a_retry() {
+        let config = config()
+            .with_publish_timeout(Duration::from_millis(50))
+            .with_lease(Duration::from_secs(1));
+        let records = vec![record(1, "k", 1), record(2, "j", 1)];
+        let (out, _) = run_batch(
+            publisher(&[], &[], &[1]),
+            config,
+            batch(records),
+            Duration::from_secs(1),
+        )
+        .await;
+        assert_eq!(out.published, vec![2]);
+        assert_eq!(out.retry.len(), 1);
+        assert!(
+            out.retry[0].error.contains("not acknowledged within 50ms"),
+            "{}",
+            out.retry[0].error
+        );
+    }
+
+    #[tokio::test]
+    async fn events_are_released_rather_than_published_past_the_lease() {
+        let config = config().with_publish_timeout(Duration::from_secs(1));
+        let records = vec![record(1, "k", 1), record(2, "k", 1)];
+        // Less lease left than one publish may take: publish nothing.
+        let (out, order) = run_batch(
+            publisher(&[], &[], &[]),
+            config,
+            batch(records),
+            Duration::from_millis(500),
+        )
+        .await;
+        assert_eq!(out.released, vec![1, 2]);
+        assert!(order.is_empty());
+    }
+
+    #[tokio::test]
+    async fn malformed_rows_are_dead_lettered() {
+        let mut claimed = batch(vec![record(2, "k", 1)]);
+        claimed.malformed.push(MalformedRecord {
+            sequence: 1,
+            error: "metadata: bad".into(),
+        });
+        let (out, _) = run_batch(
+            publisher(&[], &[], &[]),
+            config(),
+            claimed,
+            Duration::from_secs(30),
+        )
+        .await;
+        assert_eq!(out.published, vec![2]);
+        assert_eq!(out.dead.len(), 1);
+        assert_eq!(out.dead[0].error, "malformed outbox row: metadata: bad");
+    }
+}
