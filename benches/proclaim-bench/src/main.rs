@@ -1,2 +1,166 @@
-//! Relay benchmarks (being written).
-fn main() {}
+//! `proclaim-bench`: benchmarks of the proclaim relay against a real
+//! PostgreSQL and a real NATS JetStream, each figure next to a baseline
+//! measured in the same run on the same machine.
+//!
+//! Always build and run in release:
+//!
+//! ```text
+//! # Throughput: how fast the relay empties a full outbox, against the bound
+//! # H = 1/(1/a + 1/b) of a bare pipelined JetStream publish loop (a) and a bare
+//! # claim-and-delete loop on the same table (b).
+//! cargo run --release -p proclaim-bench -- drain --events 100000 --runs 5
+//! cargo run --release -p proclaim-bench -- drain --events 100000 --runs 5 --batch-size 256 --relays 1
+//!
+//! # Latency: commit → JetStream publish ack at a steady offered rate, with the
+//! # NOTIFY wake-up (default) or polling only, against the COMMIT round trip
+//! # and a bare JetStream publish → ack round trip at the same rate.
+//! cargo run --release -p proclaim-bench -- latency --rate 1000 --seconds 10 --runs 3
+//! cargo run --release -p proclaim-bench -- latency --rate 1000 --seconds 10 --runs 3 --no-wakeup
+//! cargo run --release -p proclaim-bench -- latency --no-wakeup --poll-interval 250ms
+//!
+//! # Smoke tests for CI (a few seconds each):
+//! cargo run --release -p proclaim-bench -- drain --quick
+//! cargo run --release -p proclaim-bench -- latency --quick
+//! cargo run --release -p proclaim-bench -- latency --quick --no-wakeup
+//!
+//! # Machine-readable: one JSON object per line on stdout (the table goes to stderr).
+//! cargo run --release -p proclaim-bench -- drain --quick --json
+//!
+//! # Schemas (bench_*) and streams (BENCH_*) left behind by a killed run:
+//! cargo run --release -p proclaim-bench -- leftovers
+//! cargo run --release -p proclaim-bench -- leftovers --delete
+//! ```
+//!
+//! Services: `--database-url` (env `PROCLAIM_BENCH_DATABASE_URL`, default
+//! `postgres://postgres@127.0.0.1:5432/test`) and `--nats-url` (env
+//! `PROCLAIM_BENCH_NATS_URL`, default `nats://127.0.0.1:4222`). Each scenario
+//! creates its own schema `bench_<scenario>_<unique>` and its own file-storage
+//! streams `BENCH_<SCENARIO>_<UNIQUE>_{RELAY,BARE}`, and removes them at the
+//! end, also after an error, a panic or Ctrl-C. Log output (`RUST_LOG`,
+//! default `warn`) goes to stderr.
+
+mod drain;
+mod env;
+mod latency;
+mod leftovers;
+mod output;
+mod stats;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context as _, anyhow};
+use clap::{Args, Parser, Subcommand};
+
+use crate::env::Env;
+use crate::output::Output;
+
+/// Benchmarks of the proclaim relay (PostgreSQL → NATS JetStream).
+#[derive(Debug, Parser)]
+#[command(name = "proclaim-bench", version)]
+struct Cli {
+    #[command(flatten)]
+    common: Common,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Options every scenario takes.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct Common {
+    /// PostgreSQL database to benchmark against.
+    #[arg(
+        long,
+        global = true,
+        env = "PROCLAIM_BENCH_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/test"
+    )]
+    pub(crate) database_url: String,
+    /// NATS server with JetStream enabled.
+    #[arg(
+        long,
+        global = true,
+        env = "PROCLAIM_BENCH_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    pub(crate) nats_url: String,
+    /// Print one JSON object per line on stdout (the table then goes to stderr).
+    #[arg(long, global = true)]
+    pub(crate) json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Throughput: time to drain a pre-written outbox, against bare baselines.
+    Drain(drain::DrainArgs),
+    /// Latency: commit → JetStream ack at a steady offered rate.
+    Latency(latency::LatencyArgs),
+    /// Lists (or deletes) schemas and streams left behind by killed runs.
+    Leftovers(leftovers::LeftoversArgs),
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr(), "error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let out = Output::new(cli.common.json);
+    match cli.command {
+        Command::Drain(args) => {
+            with_env("drain", &cli.common, move |env| drain::run(env, args, out)).await
+        }
+        Command::Latency(args) => {
+            with_env("latency", &cli.common, move |env| {
+                latency::run(env, args, out)
+            })
+            .await
+        }
+        Command::Leftovers(args) => leftovers::run(&cli.common, args, out).await,
+    }
+}
+
+/// Creates the scenario's schema, runs the scenario on a task of its own, and
+/// removes the schema and streams afterwards, whether it succeeded, failed,
+/// panicked or was interrupted with Ctrl-C.
+async fn with_env<F, Fut>(scenario: &str, common: &Common, body: F) -> anyhow::Result<()>
+where
+    F: FnOnce(Arc<Env>) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let env = Arc::new(Env::new(scenario, common).await?);
+    let mut task = tokio::spawn(body(env.clone()));
+    let result = tokio::select! {
+        joined = &mut task => match joined {
+            Ok(result) => result,
+            Err(e) => Err(anyhow!("the {scenario} scenario failed: {e}")),
+        },
+        signal = tokio::signal::ctrl_c() => {
+            task.abort();
+            signal.context("waiting for Ctrl-C")?;
+            Err(anyhow!("interrupted"))
+        }
+    };
+    let cleanup = env.cleanup().await;
+    match (result, cleanup) {
+        (Ok(()), Ok(())) => Ok(()),
+        (Err(e), Ok(())) => Err(e),
+        (Ok(()), Err(c)) => Err(c.context("the benchmark ran, but cleaning up failed")),
+        (Err(e), Err(c)) => Err(e.context(format!("cleaning up failed too: {c:#}"))),
+    }
+}

@@ -319,6 +319,62 @@ impl PgOutbox {
     }
 }
 
+impl PgOutbox {
+    async fn apply(
+        &self,
+        conn: &mut PgConnection,
+        token: LeaseToken,
+        outcome: &BatchOutcome,
+        mode: AckMode,
+    ) -> Result<u64, StoreError> {
+        let mut applied = 0u64;
+        if !outcome.published.is_empty() {
+            let sql = match mode {
+                AckMode::Delete => &self.sql.delete_published,
+                AckMode::Retain => &self.sql.mark_published,
+            };
+            applied += sqlx::query(AssertSqlSafe(sql.clone()))
+                .bind(&outcome.published)
+                .bind(token.0)
+                .execute(&mut *conn)
+                .await
+                .map_err(classify)?
+                .rows_affected();
+        }
+        if !outcome.retry.is_empty() {
+            applied += sqlx::query(AssertSqlSafe(self.sql.retry.clone()))
+                .bind(outcome.retry.iter().map(|r| r.sequence).collect::<Vec<_>>())
+                .bind(outcome.retry.iter().map(|r| r.delay.as_secs_f64()).collect::<Vec<_>>())
+                .bind(outcome.retry.iter().map(|r| clip_error(&r.error)).collect::<Vec<_>>())
+                .bind(token.0)
+                .execute(&mut *conn)
+                .await
+                .map_err(classify)?
+                .rows_affected();
+        }
+        if !outcome.dead.is_empty() {
+            applied += sqlx::query(AssertSqlSafe(self.sql.dead.clone()))
+                .bind(outcome.dead.iter().map(|d| d.sequence).collect::<Vec<_>>())
+                .bind(outcome.dead.iter().map(|d| clip_error(&d.error)).collect::<Vec<_>>())
+                .bind(token.0)
+                .execute(&mut *conn)
+                .await
+                .map_err(classify)?
+                .rows_affected();
+        }
+        if !outcome.released.is_empty() {
+            applied += sqlx::query(AssertSqlSafe(self.sql.release.clone()))
+                .bind(&outcome.released)
+                .bind(token.0)
+                .execute(&mut *conn)
+                .await
+                .map_err(classify)?
+                .rows_affected();
+        }
+        Ok(applied)
+    }
+}
+
 fn metadata_json(event: &Event) -> String {
     serde_json::to_string(event.metadata()).unwrap_or_else(|_| "{}".into())
 }
@@ -373,8 +429,7 @@ impl OutboxStore for PgOutbox {
         let mut tx = self.pool.begin().await.map_err(classify)?;
         // Claims on one table run one at a time, so each claim sees the
         // leases of the previous one and per-subject order holds across relays.
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(self.sql.claim_lock)
+        sqlx::query(AssertSqlSafe(self.sql.claim_setup.clone()))
             .execute(&mut *tx)
             .await
             .map_err(classify)?;
@@ -403,70 +458,23 @@ impl OutboxStore for PgOutbox {
         outcome: &BatchOutcome,
         mode: AckMode,
     ) -> Result<CompleteReport, StoreError> {
-        let mut tx = self.pool.begin().await.map_err(classify)?;
-        let mut applied = 0u64;
-        if !outcome.published.is_empty() {
-            let sql = match mode {
-                AckMode::Delete => &self.sql.delete_published,
-                AckMode::Retain => &self.sql.mark_published,
-            };
-            applied += sqlx::query(AssertSqlSafe(sql.clone()))
-                .bind(&outcome.published)
-                .bind(token.0)
-                .execute(&mut *tx)
-                .await
-                .map_err(classify)?
-                .rows_affected();
-        }
-        if !outcome.retry.is_empty() {
-            applied += sqlx::query(AssertSqlSafe(self.sql.retry.clone()))
-                .bind(outcome.retry.iter().map(|r| r.sequence).collect::<Vec<_>>())
-                .bind(
-                    outcome
-                        .retry
-                        .iter()
-                        .map(|r| r.delay.as_secs_f64())
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    outcome
-                        .retry
-                        .iter()
-                        .map(|r| clip_error(&r.error))
-                        .collect::<Vec<_>>(),
-                )
-                .bind(token.0)
-                .execute(&mut *tx)
-                .await
-                .map_err(classify)?
-                .rows_affected();
-        }
-        if !outcome.dead.is_empty() {
-            applied += sqlx::query(AssertSqlSafe(self.sql.dead.clone()))
-                .bind(outcome.dead.iter().map(|d| d.sequence).collect::<Vec<_>>())
-                .bind(
-                    outcome
-                        .dead
-                        .iter()
-                        .map(|d| clip_error(&d.error))
-                        .collect::<Vec<_>>(),
-                )
-                .bind(token.0)
-                .execute(&mut *tx)
-                .await
-                .map_err(classify)?
-                .rows_affected();
-        }
-        if !outcome.released.is_empty() {
-            applied += sqlx::query(AssertSqlSafe(self.sql.release.clone()))
-                .bind(&outcome.released)
-                .bind(token.0)
-                .execute(&mut *tx)
-                .await
-                .map_err(classify)?
-                .rows_affected();
-        }
-        tx.commit().await.map_err(classify)?;
+        let kinds = [
+            !outcome.published.is_empty(),
+            !outcome.retry.is_empty(),
+            !outcome.dead.is_empty(),
+            !outcome.released.is_empty(),
+        ];
+        // One kind (the usual case: all published) is one statement; more
+        // are applied together in one transaction.
+        let applied = if kinds.iter().filter(|k| **k).count() <= 1 {
+            let mut conn = self.pool.acquire().await.map_err(classify)?;
+            self.apply(&mut conn, token, outcome, mode).await?
+        } else {
+            let mut tx = self.pool.begin().await.map_err(classify)?;
+            let applied = self.apply(&mut tx, token, outcome, mode).await?;
+            tx.commit().await.map_err(classify)?;
+            applied
+        };
         Ok(CompleteReport {
             applied,
             lost: (outcome.len() as u64).saturating_sub(applied),

@@ -10,12 +10,11 @@ const COLUMNS: &str =
 pub(crate) struct Sql {
     pub(crate) qualified: String,
     pub(crate) channel: String,
-    /// Advisory lock (single-key form) that serializes claims on this table.
-    pub(crate) claim_lock: i64,
     pub(crate) insert_one: Arc<str>,
     pub(crate) lock_keys: Arc<str>,
     pub(crate) insert_many: Arc<str>,
     pub(crate) notify: Arc<str>,
+    pub(crate) claim_setup: Arc<str>,
     pub(crate) claim: Arc<str>,
     pub(crate) delete_published: Arc<str>,
     pub(crate) mark_published: Arc<str>,
@@ -48,6 +47,10 @@ impl Sql {
         let returning = "o.sequence, o.id, o.event_type, o.source, o.subject, o.event_time, \
              o.datacontenttype, o.dataschema, o.data::text, o.metadata::text, o.attempts, o.created_at";
         let a = |sql: String| -> Arc<str> { sql.into() };
+        // The relay's own writes (leases and outcomes) need not wait for the
+        // WAL flush: if the database loses the last of them in a crash, the
+        // events are claimed and published again — a duplicate, never a loss.
+        let async_commit = "WITH async_commit AS (SELECT set_config('synchronous_commit', 'off', true))";
         Sql {
             insert_one: a(format!(
                 "WITH key_lock AS (SELECT pg_advisory_xact_lock({lock_class}, $10)){notify_cte} \
@@ -67,6 +70,17 @@ impl Sql {
                       AS e(id, event_type, source, subject, event_time, datacontenttype, dataschema, data, metadata)"
             )),
             notify: a(format!("SELECT pg_notify('{channel}', '')")),
+            // Claims run one at a time per table (the advisory lock), and the
+            // planner is steered to walk the pending index in sequence order:
+            // with autovacuum off or behind, stale statistics would otherwise
+            // pick a bitmap scan and sort the whole backlog on every claim.
+            claim_setup: a(format!(
+                "SELECT set_config('synchronous_commit', 'off', true), \
+                        set_config('enable_seqscan', 'off', true), \
+                        set_config('enable_bitmapscan', 'off', true), \
+                        set_config('enable_sort', 'off', true), \
+                        pg_advisory_xact_lock({claim_lock})"
+            )),
             claim: a(format!(
                 "WITH picked AS ( \
                    SELECT c.sequence FROM {q} c \
@@ -86,28 +100,29 @@ impl Sql {
                  RETURNING {returning}"
             )),
             delete_published: a(format!(
-                "DELETE FROM {q} WHERE sequence = ANY($1) AND lease_token = $2"
+                "{async_commit} DELETE FROM {q} USING async_commit \
+                 WHERE sequence = ANY($1) AND lease_token = $2"
             )),
             mark_published: a(format!(
-                "UPDATE {q} SET status = 1, published_at = now(), lease_token = NULL, \
-                 lease_expires_at = NULL, last_error = NULL \
+                "{async_commit} UPDATE {q} SET status = 1, published_at = now(), lease_token = NULL, \
+                 lease_expires_at = NULL, last_error = NULL FROM async_commit \
                  WHERE sequence = ANY($1) AND lease_token = $2"
             )),
             retry: a(format!(
-                "UPDATE {q} o SET next_attempt_at = now() + make_interval(secs => d.delay), \
+                "{async_commit} UPDATE {q} o SET next_attempt_at = now() + make_interval(secs => d.delay), \
                      last_error = d.error, lease_token = NULL, lease_expires_at = NULL \
-                 FROM unnest($1::int8[], $2::float8[], $3::text[]) AS d(seq, delay, error) \
+                 FROM async_commit, unnest($1::int8[], $2::float8[], $3::text[]) AS d(seq, delay, error) \
                  WHERE o.sequence = d.seq AND o.lease_token = $4"
             )),
             dead: a(format!(
-                "UPDATE {q} o SET status = 2, dead_lettered_at = now(), last_error = d.error, \
+                "{async_commit} UPDATE {q} o SET status = 2, dead_lettered_at = now(), last_error = d.error, \
                      lease_token = NULL, lease_expires_at = NULL \
-                 FROM unnest($1::int8[], $2::text[]) AS d(seq, error) \
+                 FROM async_commit, unnest($1::int8[], $2::text[]) AS d(seq, error) \
                  WHERE o.sequence = d.seq AND o.lease_token = $3"
             )),
             release: a(format!(
-                "UPDATE {q} SET attempts = greatest(attempts - 1, 0), lease_token = NULL, \
-                 lease_expires_at = NULL WHERE sequence = ANY($1) AND lease_token = $2"
+                "{async_commit} UPDATE {q} SET attempts = greatest(attempts - 1, 0), lease_token = NULL, \
+                 lease_expires_at = NULL FROM async_commit WHERE sequence = ANY($1) AND lease_token = $2"
             )),
             purge: a(format!(
                 "DELETE FROM {q} WHERE status = 1 AND published_at < now() - make_interval(secs => $1::float8)"
@@ -135,7 +150,6 @@ impl Sql {
             )),
             qualified: q,
             channel,
-            claim_lock,
         }
     }
 }

@@ -1,0 +1,389 @@
+//! `drain`: how fast the relay empties an outbox that already holds N events.
+//!
+//! Each run writes N events (not timed), starts the relay(s), and times until
+//! the stream holds N messages and the outbox is empty. On the same events it
+//! measures two baselines: (a) a bare async-nats loop publishing the same
+//! messages with up to `--publish-window` acks in flight, and (b) a bare loop
+//! claiming-and-deleting the same rows, `--batch-size` per statement. If the
+//! relay did (a) and (b) one after the other with no overlap, it would reach
+//! H = 1/(1/a + 1/b); the ratio relay/H shows how much it gains by pipelining
+//! (above 1) or loses to its own overhead (below 1).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail, ensure};
+use async_nats::jetstream;
+use async_nats::jetstream::context::PublishError;
+use async_nats::jetstream::publish::PublishAck;
+use bytes::Bytes;
+use clap::Args;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use proclaim::nats::NatsPublisher;
+use proclaim::postgres::PgOutbox;
+use proclaim::{Event, Relay, RelayConfig, RelayReport};
+use serde_json::json;
+use sqlx::AssertSqlSafe;
+use tokio::time::{Instant, MissedTickBehavior};
+
+use crate::env::{BenchStream, Env, StopOnDrop, bare_headers, donor_events};
+use crate::output::{Output, round};
+use crate::stats::Spread;
+
+/// Events per transaction when pre-writing the outbox.
+const WRITE_CHUNK: usize = 1000;
+/// How often the end of a drain is checked.
+const POLL: Duration = Duration::from_millis(10);
+
+#[derive(Debug, Args)]
+pub(crate) struct DrainArgs {
+    /// Events per run [default: 100000, or 5000 with --quick].
+    #[arg(long)]
+    events: Option<usize>,
+    /// Runs [default: 5, or 2 with --quick].
+    #[arg(long)]
+    runs: Option<usize>,
+    /// The relay's batch size, and the claim-and-delete baseline's.
+    #[arg(long, default_value_t = 256)]
+    batch_size: usize,
+    /// Relays draining the outbox at once, each with its own pools and NATS connection.
+    #[arg(long, default_value_t = 1)]
+    relays: usize,
+    /// Distinct subjects (ordering keys) the events are spread over.
+    #[arg(long, default_value_t = 1000)]
+    subjects: usize,
+    /// Publish acks in flight at once in the bare publish baseline.
+    #[arg(long, default_value_t = 256)]
+    publish_window: usize,
+    /// Give up on a drain that takes longer than this.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    /// A seconds-long smoke test: 5000 events, 2 runs (unless given).
+    #[arg(long)]
+    quick: bool,
+}
+
+/// The figures of one run, in events per second.
+#[derive(Debug, Clone, Copy)]
+struct RunResult {
+    relay: f64,
+    publish: f64,
+    claim_delete: f64,
+    bound: f64,
+    ratio: f64,
+    duplicates: u64,
+}
+
+pub(crate) async fn run(env: Arc<Env>, args: DrainArgs, out: Output) -> anyhow::Result<()> {
+    let events = args
+        .events
+        .unwrap_or(if args.quick { 5_000 } else { 100_000 });
+    let runs = args.runs.unwrap_or(if args.quick { 2 } else { 5 });
+    ensure!(
+        events > 0 && runs > 0,
+        "--events and --runs must be at least 1"
+    );
+    ensure!(args.relays > 0, "--relays must be at least 1");
+    ensure!(
+        args.publish_window > 0,
+        "--publish-window must be at least 1"
+    );
+    let config = RelayConfig::default().with_batch_size(args.batch_size);
+    config.validate()?;
+
+    let relay_stream = env.create_stream("relay").await?;
+    let bare_stream = env.create_stream("bare").await?;
+    let writer = PgOutbox::with_options(
+        env.pool.clone(),
+        proclaim::postgres::PgOutboxOptions::default().with_schema(&env.schema),
+    )?;
+    writer.migrate().await.context("migrating the outbox")?;
+
+    out.line(format!(
+        "drain: {events} events per run, {runs} runs, batch size {}, {} relay(s), {} subjects; \
+         schema {}, streams {} / {} (file storage)",
+        args.batch_size,
+        args.relays,
+        args.subjects,
+        env.schema,
+        relay_stream.name,
+        bare_stream.name
+    ))?;
+    out.line(format!(
+        "{:<8} {:>12} {:>16} {:>21} {:>12} {:>9}",
+        "run", "relay ev/s", "(a) publish ev/s", "(b) claim+delete ev/s", "H ev/s", "relay/H"
+    ))?;
+    let mut results = Vec::with_capacity(runs);
+    for n in 1..=runs {
+        let r = one_run(
+            &env,
+            &args,
+            &config,
+            &writer,
+            &relay_stream,
+            &bare_stream,
+            events,
+        )
+        .await
+        .with_context(|| format!("run {n}"))?;
+        let note = if r.duplicates > 0 {
+            format!("  ({} duplicate publishes)", r.duplicates)
+        } else {
+            String::new()
+        };
+        out.line(format!("{}{note}", row(&n.to_string(), &r)))?;
+        results.push(r);
+    }
+
+    let summary = |pick: fn(Spread) -> f64| {
+        let s = |f: fn(&RunResult) -> f64| pick(Spread::by(&results, f));
+        RunResult {
+            relay: s(|r| r.relay),
+            publish: s(|r| r.publish),
+            claim_delete: s(|r| r.claim_delete),
+            bound: s(|r| r.bound),
+            ratio: s(|r| r.ratio),
+            duplicates: 0,
+        }
+    };
+    let (median, min, max) = (
+        summary(|s| s.median),
+        summary(|s| s.min),
+        summary(|s| s.max),
+    );
+    out.line(row("median", &median))?;
+    out.line(row("min", &min))?;
+    out.line(row("max", &max))?;
+
+    out.json(&json!({
+        "scenario": "drain",
+        "store": "postgres",
+        "broker": "nats",
+        "relays": args.relays,
+        "events": events,
+        "runs": runs,
+        "batch_size": args.batch_size,
+        "subjects": args.subjects,
+        "events_per_s": round(median.relay, 0),
+        "min": round(min.relay, 0),
+        "max": round(max.relay, 0),
+        "baseline_publish_per_s": round(median.publish, 0),
+        "baseline_claim_delete_per_s": round(median.claim_delete, 0),
+        "bound_h_per_s": round(median.bound, 0),
+        "ratio": round(median.ratio, 3),
+        "ratio_min": round(min.ratio, 3),
+        "ratio_max": round(max.ratio, 3),
+        "per_run": results.iter().map(|r| json!({
+            "events_per_s": round(r.relay, 0),
+            "baseline_publish_per_s": round(r.publish, 0),
+            "baseline_claim_delete_per_s": round(r.claim_delete, 0),
+            "bound_h_per_s": round(r.bound, 0),
+            "ratio": round(r.ratio, 3),
+            "duplicate_publishes": r.duplicates,
+        })).collect::<Vec<_>>(),
+    }))?;
+    Ok(())
+}
+
+fn row(label: &str, r: &RunResult) -> String {
+    format!(
+        "{:<8} {:>12.0} {:>16.0} {:>21.0} {:>12.0} {:>9.2}",
+        label, r.relay, r.publish, r.claim_delete, r.bound, r.ratio
+    )
+}
+
+async fn one_run(
+    env: &Env,
+    args: &DrainArgs,
+    config: &RelayConfig,
+    writer: &PgOutbox,
+    relay_stream: &BenchStream,
+    bare_stream: &BenchStream,
+    n: usize,
+) -> anyhow::Result<RunResult> {
+    // Fresh events (fresh ids) each run, so no run is deduplicated against another.
+    let events = donor_events(n, args.subjects)?;
+
+    // (b) bare claim-and-delete of the pre-written rows.
+    write(env, writer, &events).await?;
+    let claim_delete = claim_delete_all(env, args.batch_size, n).await?;
+
+    // The relay, on the same rows written again.
+    write(env, writer, &events).await?;
+    let (relay, reports) = relay_drain(env, config, args, relay_stream, n).await?;
+    let published: u64 = reports.iter().map(|r| r.published).sum();
+    let dead: u64 = reports.iter().map(|r| r.dead_lettered).sum();
+    ensure!(dead == 0, "the relay dead-lettered {dead} events");
+    ensure!(
+        published >= n as u64,
+        "the relay reported {published} publishes for {n} events"
+    );
+    relay_stream.purge().await?;
+
+    // (a) bare pipelined publish of the same messages.
+    let publish = publish_bare(&env.js, bare_stream, &events, args.publish_window).await?;
+    let stored = bare_stream.count().await?;
+    ensure!(
+        stored == n as u64,
+        "the bare stream holds {stored} messages, not {n}"
+    );
+    bare_stream.purge().await?;
+
+    let rate = |d: Duration| n as f64 / d.as_secs_f64();
+    let (relay, publish, claim_delete) = (rate(relay), rate(publish), rate(claim_delete));
+    let bound = 1.0 / (1.0 / publish + 1.0 / claim_delete);
+    Ok(RunResult {
+        relay,
+        publish,
+        claim_delete,
+        bound,
+        ratio: relay / bound,
+        duplicates: published - n as u64,
+    })
+}
+
+/// Writes `events` with `enqueue_batch`, 1000 per transaction, then vacuums,
+/// so every timed phase starts on the same, clean table.
+async fn write(env: &Env, writer: &PgOutbox, events: &[Event]) -> anyhow::Result<()> {
+    ensure!(
+        env.outbox_is_empty().await?,
+        "the outbox is not empty before writing"
+    );
+    for chunk in events.chunks(WRITE_CHUNK) {
+        let mut tx = env.pool.begin().await?;
+        writer.enqueue_batch(&mut tx, chunk).await?;
+        tx.commit().await?;
+    }
+    let rows = env.outbox_rows().await?;
+    ensure!(
+        rows == events.len() as i64,
+        "wrote {} events but the outbox holds {rows}",
+        events.len()
+    );
+    env.vacuum().await
+}
+
+/// Baseline (b): claims and deletes every row, `batch` per statement, on one
+/// connection, and returns the time taken.
+async fn claim_delete_all(env: &Env, batch: usize, n: usize) -> anyhow::Result<Duration> {
+    let t = env.table();
+    let sql = format!(
+        "DELETE FROM {t} WHERE sequence IN (SELECT sequence FROM {t} WHERE status = 0 \
+         ORDER BY sequence LIMIT $1 FOR UPDATE SKIP LOCKED) RETURNING *"
+    );
+    let limit = i64::try_from(batch)?;
+    let mut conn = env.pool.acquire().await?;
+    let start = Instant::now();
+    let mut deleted = 0;
+    while deleted < n {
+        let rows = sqlx::query(AssertSqlSafe(sql.clone()))
+            .bind(limit)
+            .fetch_all(&mut *conn)
+            .await?;
+        if rows.is_empty() {
+            break;
+        }
+        deleted += rows.len();
+    }
+    let elapsed = start.elapsed();
+    ensure!(deleted == n, "claimed and deleted {deleted} rows, not {n}");
+    Ok(elapsed)
+}
+
+/// Runs the relay(s) from start until the stream holds `n` messages and the
+/// outbox is empty; returns that time and the relays' reports.
+async fn relay_drain(
+    env: &Env,
+    config: &RelayConfig,
+    args: &DrainArgs,
+    stream: &BenchStream,
+    n: usize,
+) -> anyhow::Result<(Duration, Vec<RelayReport>)> {
+    // Connections and relays are made before the clock starts.
+    let mut relays = Vec::with_capacity(args.relays);
+    let mut pools = Vec::with_capacity(args.relays);
+    for _ in 0..args.relays {
+        let outbox = env.outbox(true).await?;
+        pools.push(outbox.pool().clone());
+        let publisher = NatsPublisher::connect(stream.nats_config(&env.nats_url)).await?;
+        relays.push(Relay::new(outbox, publisher, config.clone())?);
+    }
+
+    let start = Instant::now();
+    let handles: Vec<_> = relays.into_iter().map(Relay::spawn).collect();
+    let _stop = StopOnDrop::new(handles.iter().map(|h| h.cancellation_token()));
+    let drained = wait_drained(env, stream, n, start, args.timeout).await;
+    let reports = futures::future::join_all(handles.into_iter().map(|h| h.shutdown())).await;
+    for pool in pools {
+        pool.close().await;
+    }
+    Ok((drained?, reports))
+}
+
+async fn wait_drained(
+    env: &Env,
+    stream: &BenchStream,
+    n: usize,
+    start: Instant,
+    timeout: Duration,
+) -> anyhow::Result<Duration> {
+    let n = n as u64;
+    let mut tick = tokio::time::interval(POLL);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let count = stream.count().await?;
+        ensure!(
+            count <= n,
+            "the stream holds {count} messages, more than the {n} events"
+        );
+        if count == n && env.outbox_is_empty().await? {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > timeout {
+            let rows = env.outbox_rows().await?;
+            bail!(
+                "not drained after {timeout:?}: the stream holds {count} of {n} messages and the outbox {rows} rows"
+            );
+        }
+    }
+}
+
+/// Baseline (a): publishes every event as the relay would (same subject,
+/// headers and body) with up to `window` acks in flight; returns the time
+/// from the first publish to the last ack.
+async fn publish_bare(
+    js: &jetstream::Context,
+    stream: &BenchStream,
+    events: &[Event],
+    window: usize,
+) -> anyhow::Result<Duration> {
+    let check = |ack: Result<PublishAck, PublishError>| -> anyhow::Result<()> {
+        let ack = ack.context("bare publish not acknowledged")?;
+        ensure!(!ack.duplicate, "bare publish was a duplicate");
+        Ok(())
+    };
+    let start = Instant::now();
+    let mut acks = FuturesUnordered::new();
+    for event in events {
+        while acks.len() >= window {
+            if let Some(ack) = acks.next().await {
+                check(ack)?;
+            }
+        }
+        let pending = js
+            .publish_with_headers(
+                stream.subject(event),
+                bare_headers(event),
+                Bytes::copy_from_slice(event.data().get().as_bytes()),
+            )
+            .await
+            .context("bare publish")?;
+        acks.push(pending.into_future());
+    }
+    while let Some(ack) = acks.next().await {
+        check(ack)?;
+    }
+    Ok(start.elapsed())
+}

@@ -1,0 +1,285 @@
+//! The resources of one scenario: its PostgreSQL schema and its JetStream
+//! streams, created at the start and removed at the end.
+
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, bail};
+use async_nats::HeaderMap;
+use async_nats::header::NATS_MESSAGE_ID;
+use async_nats::jetstream::{self, stream};
+use proclaim::nats::NatsConfig;
+use proclaim::postgres::{PgOutbox, PgOutboxOptions};
+use proclaim::{CancellationToken, Event};
+use sqlx::AssertSqlSafe;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+
+use crate::Common;
+
+/// Prefix of every schema the benchmarks create.
+pub(crate) const SCHEMA_PREFIX: &str = "bench_";
+/// Prefix of every stream the benchmarks create.
+pub(crate) const STREAM_PREFIX: &str = "BENCH_";
+/// Duplicate window of the streams: the same as `NatsConfig`'s default.
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+/// One scenario's schema and streams, and the connections that manage them.
+pub(crate) struct Env {
+    pub(crate) database_url: String,
+    pub(crate) nats_url: String,
+    /// Pool for writers, baselines and checks (not used by the relay).
+    pub(crate) pool: PgPool,
+    /// Client for baselines, consumers and stream checks (not used by the relay).
+    pub(crate) nats: async_nats::Client,
+    pub(crate) js: jetstream::Context,
+    /// The scenario's schema.
+    pub(crate) schema: String,
+    suffix: String,
+    streams: Mutex<Vec<String>>,
+}
+
+/// A JetStream stream of the scenario (file storage), capturing `<prefix>.>`.
+pub(crate) struct BenchStream {
+    pub(crate) name: String,
+    pub(crate) prefix: String,
+    stream: stream::Stream,
+}
+
+impl Env {
+    /// Connects to both services and creates the scenario's schema.
+    pub(crate) async fn new(scenario: &str, common: &Common) -> anyhow::Result<Self> {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        let suffix = format!("{scenario}_{}_{:x}", std::process::id(), nanos % (1 << 40));
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .connect(&common.database_url)
+            .await
+            .with_context(|| format!("cannot connect to PostgreSQL at {}", common.database_url))?;
+        let nats = async_nats::connect(&common.nats_url)
+            .await
+            .with_context(|| format!("cannot connect to NATS at {}", common.nats_url))?;
+        let js = jetstream::new(nats.clone());
+        let schema = format!("{SCHEMA_PREFIX}{suffix}");
+        sqlx::raw_sql(AssertSqlSafe(format!(r#"CREATE SCHEMA "{schema}""#)))
+            .execute(&pool)
+            .await
+            .with_context(|| format!("cannot create schema {schema}"))?;
+        Ok(Env {
+            database_url: common.database_url.clone(),
+            nats_url: common.nats_url.clone(),
+            pool,
+            nats,
+            js,
+            schema,
+            suffix,
+            streams: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Creates the stream `BENCH_<SUFFIX>_<ROLE>` (file storage, the
+    /// publisher's default duplicate window), deleted by [`Env::cleanup`].
+    pub(crate) async fn create_stream(&self, role: &str) -> anyhow::Result<BenchStream> {
+        let name = format!("{STREAM_PREFIX}{}_{}", self.suffix, role).to_uppercase();
+        let prefix = format!("{SCHEMA_PREFIX}{}_{}", self.suffix, role).to_lowercase();
+        // Registered before it exists, so a half-done creation is cleaned up too.
+        self.streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(name.clone());
+        let stream = self
+            .js
+            .create_stream(stream::Config {
+                name: name.clone(),
+                subjects: vec![format!("{prefix}.>")],
+                storage: stream::StorageType::File,
+                duplicate_window: DUPLICATE_WINDOW,
+                ..Default::default()
+            })
+            .await
+            .with_context(|| format!("cannot create stream {name}"))?;
+        Ok(BenchStream {
+            name,
+            prefix,
+            stream,
+        })
+    }
+
+    /// A `PgOutbox` on the scenario's schema with a pool of its own (as a
+    /// relay process would have), migrated.
+    pub(crate) async fn outbox(&self, notify: bool) -> anyhow::Result<PgOutbox> {
+        let pool = PgPoolOptions::new()
+            .max_connections(10)
+            .connect(&self.database_url)
+            .await
+            .context("cannot connect the relay's pool")?;
+        let options = PgOutboxOptions::default()
+            .with_schema(&self.schema)
+            .with_notify(notify);
+        let outbox = PgOutbox::with_options(pool, options)?;
+        outbox.migrate().await.context("migrating the outbox")?;
+        Ok(outbox)
+    }
+
+    /// The outbox table, quoted and schema-qualified.
+    pub(crate) fn table(&self) -> String {
+        format!(r#""{}".outbox"#, self.schema)
+    }
+
+    /// Number of rows in the outbox table.
+    pub(crate) async fn outbox_rows(&self) -> anyhow::Result<i64> {
+        let sql = format!("SELECT count(*) FROM {}", self.table());
+        Ok(sqlx::query_scalar(AssertSqlSafe(sql))
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    /// Whether the outbox table holds no row.
+    pub(crate) async fn outbox_is_empty(&self) -> anyhow::Result<bool> {
+        let sql = format!("SELECT NOT EXISTS (SELECT 1 FROM {})", self.table());
+        Ok(sqlx::query_scalar(AssertSqlSafe(sql))
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    /// `VACUUM ANALYZE` of the outbox, so every timed phase starts on a table
+    /// without dead rows and with fresh statistics.
+    pub(crate) async fn vacuum(&self) -> anyhow::Result<()> {
+        sqlx::raw_sql(AssertSqlSafe(format!("VACUUM ANALYZE {}", self.table())))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Drops the schema and deletes the streams; tries everything, then
+    /// reports what failed.
+    pub(crate) async fn cleanup(&self) -> anyhow::Result<()> {
+        let mut failures = Vec::new();
+        let streams = std::mem::take(&mut *self.streams.lock().unwrap_or_else(|e| e.into_inner()));
+        for name in streams {
+            let deleted =
+                tokio::time::timeout(Duration::from_secs(30), self.js.delete_stream(&name)).await;
+            match deleted {
+                Ok(Ok(_)) => {}
+                Ok(Err(e))
+                    if matches!(
+                        e.kind(),
+                        jetstream::context::DeleteStreamErrorKind::JetStream(ref js)
+                            if js.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+                    ) => {}
+                Ok(Err(e)) => failures.push(format!("stream {name}: {e}")),
+                Err(_) => failures.push(format!("stream {name}: timed out")),
+            }
+        }
+        let drop = format!(r#"DROP SCHEMA IF EXISTS "{}" CASCADE"#, self.schema);
+        let dropped = tokio::time::timeout(
+            Duration::from_secs(60),
+            sqlx::raw_sql(AssertSqlSafe(drop)).execute(&self.pool),
+        )
+        .await;
+        match dropped {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => failures.push(format!("schema {}: {e}", self.schema)),
+            Err(_) => failures.push(format!("schema {}: timed out", self.schema)),
+        }
+        self.pool.close().await;
+        if !failures.is_empty() {
+            bail!("could not remove {}", failures.join("; "));
+        }
+        Ok(())
+    }
+}
+
+impl BenchStream {
+    /// Messages the stream holds now.
+    pub(crate) async fn count(&self) -> anyhow::Result<u64> {
+        let info = self
+            .stream
+            .get_info()
+            .await
+            .with_context(|| format!("stream info of {}", self.name))?;
+        Ok(info.state.messages)
+    }
+
+    /// Removes every message (between runs; not timed).
+    pub(crate) async fn purge(&self) -> anyhow::Result<()> {
+        self.stream
+            .purge()
+            .await
+            .with_context(|| format!("purging stream {}", self.name))?;
+        Ok(())
+    }
+
+    /// The configuration of a `NatsPublisher` on this stream.
+    pub(crate) fn nats_config(&self, url: &str) -> NatsConfig {
+        NatsConfig::default()
+            .with_url(url)
+            .with_stream(&self.name)
+            .with_subject_prefix(&self.prefix)
+            .with_duplicate_window(DUPLICATE_WINDOW)
+    }
+
+    /// The subject the relay publishes `event` to (`{prefix}.{type}`, the
+    /// publisher's default template).
+    pub(crate) fn subject(&self, event: &Event) -> String {
+        format!("{}.{}", self.prefix, event.event_type())
+    }
+}
+
+/// The headers the bare baselines send: the same names and values as the
+/// NATS publisher sends (`Nats-Msg-Id` and the CloudEvents attributes).
+pub(crate) fn bare_headers(event: &Event) -> HeaderMap {
+    let id = event.id().to_string();
+    let mut headers = HeaderMap::new();
+    headers.insert(NATS_MESSAGE_ID, id.as_str());
+    headers.insert("ce-specversion", proclaim::SPEC_VERSION);
+    headers.insert("ce-id", id.as_str());
+    headers.insert("ce-type", event.event_type());
+    headers.insert("ce-source", event.source());
+    headers.insert("ce-subject", event.subject());
+    headers.insert("ce-time", event.time_rfc3339().as_str());
+    headers.insert("content-type", event.datacontenttype());
+    headers
+}
+
+/// `n` `DonorSecured` events over `subjects` subjects, with ~100 bytes of JSON data.
+pub(crate) fn donor_events(n: usize, subjects: usize) -> anyhow::Result<Vec<Event>> {
+    (0..n).map(|i| donor_event(i, subjects)).collect()
+}
+
+/// Event number `i` of [`donor_events`].
+pub(crate) fn donor_event(i: usize, subjects: usize) -> anyhow::Result<Event> {
+    let donor = i % subjects.max(1);
+    let data = serde_json::json!({
+        "donor_id": donor,
+        "campaign": "spring-pledge-drive",
+        "amount_cents": 250_000 + (i % 9_973),
+        "currency": "EUR",
+        "n": i,
+    });
+    Ok(Event::builder("DonorSecured")
+        .subject(format!("donor-{donor}"))
+        .source("campaign-finance")
+        .data(&data)
+        .build()?)
+}
+
+/// Stops relays when dropped, so a scenario task that is aborted (Ctrl-C)
+/// or fails stops its relays before the schema is dropped under them.
+pub(crate) struct StopOnDrop(Vec<CancellationToken>);
+
+impl StopOnDrop {
+    pub(crate) fn new(tokens: impl IntoIterator<Item = CancellationToken>) -> Self {
+        StopOnDrop(tokens.into_iter().collect())
+    }
+}
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        for token in &self.0 {
+            token.cancel();
+        }
+    }
+}
