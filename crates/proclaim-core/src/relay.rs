@@ -61,7 +61,7 @@ struct Shared<S, P> {
     store: S,
     publisher: P,
     config: RelayConfig,
-    counters: Counters,
+    counters: Arc<Counters>,
     /// Cancelled when shutdown starts: chains stop taking new events.
     stopping: CancellationToken,
 }
@@ -92,21 +92,39 @@ pub struct Relay<S, P> {
     shared: Arc<Shared<S, P>>,
 }
 
-/// A relay running on its own task; see [`Relay::spawn`].
+/// A relay running on its own task; see [`Relay::spawn`]. Dropping the
+/// handle asks the relay to stop, as [`RelayHandle::shutdown`] does, without
+/// waiting for it.
+#[must_use = "dropping a RelayHandle stops the relay"]
 pub struct RelayHandle {
     token: CancellationToken,
-    task: tokio::task::JoinHandle<RelayReport>,
+    task: Option<tokio::task::JoinHandle<RelayReport>>,
+    counters: Arc<Counters>,
+}
+
+impl Drop for RelayHandle {
+    fn drop(&mut self) {
+        self.token.cancel();
+    }
 }
 
 impl RelayHandle {
     /// Asks the relay to stop, waits for in-flight batches to finish
     /// (at most `shutdown_timeout`), and returns its totals.
-    pub async fn shutdown(self) -> RelayReport {
+    pub async fn shutdown(mut self) -> RelayReport {
         self.token.cancel();
-        self.task.await.unwrap_or_else(|e| {
-            error!(error = %e, "relay task failed");
-            RelayReport::default()
-        })
+        match self.task.take() {
+            Some(task) => task.await.unwrap_or_else(|e| {
+                error!(error = %e, "relay task failed");
+                self.counters.snapshot()
+            }),
+            None => self.counters.snapshot(),
+        }
+    }
+
+    /// The totals so far, while the relay runs.
+    pub fn report(&self) -> RelayReport {
+        self.counters.snapshot()
     }
 
     /// The token that stops the relay when cancelled.
@@ -116,8 +134,10 @@ impl RelayHandle {
 
     /// Stops the relay at once, abandoning in-flight batches (their leases
     /// expire and the events are published again): a crash, for tests.
-    pub fn abort(self) {
-        self.task.abort();
+    pub fn abort(mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
     }
 }
 
@@ -130,7 +150,7 @@ impl<S: OutboxStore, P: Publisher> Relay<S, P> {
                 store,
                 publisher,
                 config,
-                counters: Counters::default(),
+                counters: Arc::default(),
                 stopping: CancellationToken::new(),
             }),
         })
@@ -139,8 +159,13 @@ impl<S: OutboxStore, P: Publisher> Relay<S, P> {
     /// Runs the relay on a new task until [`RelayHandle::shutdown`].
     pub fn spawn(self) -> RelayHandle {
         let token = CancellationToken::new();
+        let counters = self.shared.counters.clone();
         let task = tokio::spawn(self.run(token.clone()));
-        RelayHandle { token, task }
+        RelayHandle {
+            token,
+            task: Some(task),
+            counters,
+        }
     }
 
     /// Runs until `shutdown` is cancelled, then finishes in-flight batches
@@ -222,6 +247,7 @@ async fn run_loop<S: OutboxStore, P: Publisher>(
                         info!("database and broker reachable again");
                     }
                     outage_failures = 0;
+                    debug!(claimed = batch.len(), elapsed = ?claimed_at.elapsed(), "claim");
                     if !batch.is_empty() {
                         claimed_full = batch.len() >= config.batch_size;
                         shared.counters.batches.fetch_add(1, Ordering::Relaxed);
@@ -527,6 +553,14 @@ mod tests {
     #[derive(Default)]
     struct RecordingStore {
         outcomes: Mutex<Vec<BatchOutcome>>,
+        /// Set when the store is dropped, i.e. when the relay holding it ended.
+        dropped: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl Drop for RecordingStore {
+        fn drop(&mut self) {
+            self.dropped.store(true, Ordering::SeqCst);
+        }
     }
 
     impl OutboxStore for RecordingStore {
@@ -759,5 +793,25 @@ mod tests {
         assert_eq!(out.published, vec![2]);
         assert_eq!(out.dead.len(), 1);
         assert_eq!(out.dead[0].error, "malformed outbox row: metadata: bad");
+    }
+
+    #[tokio::test]
+    async fn dropping_the_handle_stops_the_relay() {
+        let store = RecordingStore::default();
+        let dropped = store.dropped.clone();
+        let config = config().with_poll_interval(Duration::from_millis(10));
+        let handle = Relay::new(store, publisher(&[], &[], &[]), config)
+            .unwrap()
+            .spawn();
+        assert_eq!(handle.report(), RelayReport::default());
+        drop(handle);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !dropped.load(Ordering::SeqCst) {
+            assert!(
+                Instant::now() < deadline,
+                "the relay kept running after its handle was dropped"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }

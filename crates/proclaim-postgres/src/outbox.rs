@@ -144,7 +144,8 @@ impl PgOutbox {
             .await
             .map_err(classify)?;
         let setup = format!(
-            r#"CREATE SCHEMA IF NOT EXISTS "{s}";
+            r#"SET LOCAL client_min_messages = warning;
+               CREATE SCHEMA IF NOT EXISTS "{s}";
                CREATE TABLE IF NOT EXISTS "{s}"."{t}_migrations" (
                    version INTEGER PRIMARY KEY,
                    applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"#
