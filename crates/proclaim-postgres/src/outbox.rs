@@ -345,8 +345,20 @@ impl PgOutbox {
         if !outcome.retry.is_empty() {
             applied += sqlx::query(AssertSqlSafe(self.sql.retry.clone()))
                 .bind(outcome.retry.iter().map(|r| r.sequence).collect::<Vec<_>>())
-                .bind(outcome.retry.iter().map(|r| r.delay.as_secs_f64()).collect::<Vec<_>>())
-                .bind(outcome.retry.iter().map(|r| clip_error(&r.error)).collect::<Vec<_>>())
+                .bind(
+                    outcome
+                        .retry
+                        .iter()
+                        .map(|r| r.delay.as_secs_f64())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    outcome
+                        .retry
+                        .iter()
+                        .map(|r| clip_error(&r.error))
+                        .collect::<Vec<_>>(),
+                )
                 .bind(token.0)
                 .execute(&mut *conn)
                 .await
@@ -356,7 +368,13 @@ impl PgOutbox {
         if !outcome.dead.is_empty() {
             applied += sqlx::query(AssertSqlSafe(self.sql.dead.clone()))
                 .bind(outcome.dead.iter().map(|d| d.sequence).collect::<Vec<_>>())
-                .bind(outcome.dead.iter().map(|d| clip_error(&d.error)).collect::<Vec<_>>())
+                .bind(
+                    outcome
+                        .dead
+                        .iter()
+                        .map(|d| clip_error(&d.error))
+                        .collect::<Vec<_>>(),
+                )
                 .bind(token.0)
                 .execute(&mut *conn)
                 .await

@@ -50,7 +50,8 @@ impl Sql {
         // The relay's own writes (leases and outcomes) need not wait for the
         // WAL flush: if the database loses the last of them in a crash, the
         // events are claimed and published again — a duplicate, never a loss.
-        let async_commit = "WITH async_commit AS (SELECT set_config('synchronous_commit', 'off', true))";
+        let async_commit =
+            "WITH async_commit AS (SELECT set_config('synchronous_commit', 'off', true))";
         Sql {
             insert_one: a(format!(
                 "WITH key_lock AS (SELECT pg_advisory_xact_lock({lock_class}, $10)){notify_cte} \

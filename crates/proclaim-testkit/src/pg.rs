@@ -70,3 +70,57 @@ impl Drop for TestSchema {
         let _ = cleanup.join();
     }
 }
+
+/// A fresh database named `t_<unique>`, for a program whose schema names are
+/// fixed; dropped (connections and all) when the value is dropped.
+pub struct TestDatabase {
+    pub name: String,
+}
+
+impl TestDatabase {
+    pub async fn new() -> Self {
+        let name = format!("t_{}", crate::unique_suffix());
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&database_url())
+            .await
+            .unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(r#"CREATE DATABASE "{name}""#)))
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        TestDatabase { name }
+    }
+
+    /// The URL of this database (the test database's URL, other name).
+    pub fn url(&self) -> String {
+        let base = database_url();
+        match base.rsplit_once('/') {
+            Some((server, _)) => format!("{server}/{}", self.name),
+            None => base,
+        }
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let cleanup = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(pool) = PgPoolOptions::new().max_connections(1).connect(&database_url()).await {
+                    let sql = format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#);
+                    if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&pool).await {
+                        tracing::warn!(error = %e, database = %name, "could not drop test database");
+                    }
+                    pool.close().await;
+                }
+            });
+        });
+        let _ = cleanup.join();
+    }
+}

@@ -31,8 +31,6 @@ use proclaim_testkit::proxy::{FaultMode, FaultProxy};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-const STREAM: &str = "CAMPAIGN";
-
 #[derive(Parser)]
 #[command(about = "Donors and DonorSecured events survive a message-bus outage.")]
 struct Args {
@@ -49,6 +47,9 @@ struct Args {
     /// NATS server with JetStream.
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
     nats_url: String,
+    /// JetStream stream of the campaign's events (deleted at start and end).
+    #[arg(long, default_value = "CAMPAIGN")]
+    stream: String,
 }
 
 #[tokio::main]
@@ -71,13 +72,13 @@ async fn main() -> anyhow::Result<()> {
     let outbox =
         PgOutbox::with_options(pool.clone(), PgOutboxOptions::default().with_schema(SCHEMA))?;
     reset_schema(&pool, &outbox).await?;
-    let _ = js.delete_stream(STREAM).await; // left over from an earlier run, if any
+    let _ = js.delete_stream(&args.stream).await; // left over from an earlier run, if any
 
     let result = story(&args, &pool, &outbox, &js).await;
 
     // Clean up whatever happened: the stream and the schema are ours alone.
     let deleted = js
-        .delete_stream(STREAM)
+        .delete_stream(&args.stream)
         .await
         .map(drop)
         .context("deleting the stream");
@@ -101,7 +102,7 @@ async fn story(
     let proxy = FaultProxy::start(args.nats_url.trim_start_matches("nats://")).await?;
     let config = NatsConfig::default()
         .with_url(format!("nats://127.0.0.1:{}", proxy.port()))
-        .with_stream(STREAM)
+        .with_stream(&args.stream)
         .with_subject_prefix("campaign") // events go to campaign.DonorSecured
         .with_create_stream(true);
     let publisher = NatsPublisher::connect(config).await?;
@@ -116,7 +117,7 @@ async fn story(
         .with_shutdown_timeout(ms(5_000));
     let relay = Relay::new(outbox.clone(), publisher, relay_config)?.spawn();
 
-    let stream = js.get_stream(STREAM).await?;
+    let stream = js.get_stream(&args.stream).await?;
     let stop = CancellationToken::new();
     let thank_you =
         Consumer::start(&stream, "volunteer-thank-you", thank_donor, stop.clone()).await?;
