@@ -328,67 +328,61 @@ impl PgOutbox {
         outcome: &BatchOutcome,
         mode: AckMode,
     ) -> Result<u64, StoreError> {
+        type Query<'q> = sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>;
+        async fn run<'q>(
+            conn: &mut PgConnection,
+            sql: &Arc<str>,
+            token: LeaseToken,
+            bind: impl FnOnce(Query<'q>) -> Query<'q>,
+        ) -> Result<u64, StoreError> {
+            let query = bind(sqlx::query(AssertSqlSafe(sql.clone())));
+            let done = query.bind(token.0).execute(conn).await.map_err(classify)?;
+            Ok(done.rows_affected())
+        }
         let mut applied = 0u64;
         if !outcome.published.is_empty() {
             let sql = match mode {
                 AckMode::Delete => &self.sql.delete_published,
                 AckMode::Retain => &self.sql.mark_published,
             };
-            applied += sqlx::query(AssertSqlSafe(sql.clone()))
-                .bind(&outcome.published)
-                .bind(token.0)
-                .execute(&mut *conn)
-                .await
-                .map_err(classify)?
-                .rows_affected();
+            applied += run(conn, sql, token, |q| q.bind(&outcome.published)).await?;
         }
         if !outcome.retry.is_empty() {
-            applied += sqlx::query(AssertSqlSafe(self.sql.retry.clone()))
-                .bind(outcome.retry.iter().map(|r| r.sequence).collect::<Vec<_>>())
-                .bind(
-                    outcome
-                        .retry
-                        .iter()
-                        .map(|r| r.delay.as_secs_f64())
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    outcome
-                        .retry
-                        .iter()
-                        .map(|r| clip_error(&r.error))
-                        .collect::<Vec<_>>(),
-                )
-                .bind(token.0)
-                .execute(&mut *conn)
-                .await
-                .map_err(classify)?
-                .rows_affected();
+            let retry = &outcome.retry;
+            applied += run(conn, &self.sql.retry, token, |q| {
+                q.bind(retry.iter().map(|r| r.sequence).collect::<Vec<_>>())
+                    .bind(
+                        retry
+                            .iter()
+                            .map(|r| r.delay.as_secs_f64())
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(
+                        retry
+                            .iter()
+                            .map(|r| clip_error(&r.error))
+                            .collect::<Vec<_>>(),
+                    )
+            })
+            .await?;
         }
         if !outcome.dead.is_empty() {
-            applied += sqlx::query(AssertSqlSafe(self.sql.dead.clone()))
-                .bind(outcome.dead.iter().map(|d| d.sequence).collect::<Vec<_>>())
-                .bind(
-                    outcome
-                        .dead
-                        .iter()
-                        .map(|d| clip_error(&d.error))
-                        .collect::<Vec<_>>(),
-                )
-                .bind(token.0)
-                .execute(&mut *conn)
-                .await
-                .map_err(classify)?
-                .rows_affected();
+            let dead = &outcome.dead;
+            applied += run(conn, &self.sql.dead, token, |q| {
+                q.bind(dead.iter().map(|d| d.sequence).collect::<Vec<_>>())
+                    .bind(
+                        dead.iter()
+                            .map(|d| clip_error(&d.error))
+                            .collect::<Vec<_>>(),
+                    )
+            })
+            .await?;
         }
         if !outcome.released.is_empty() {
-            applied += sqlx::query(AssertSqlSafe(self.sql.release.clone()))
-                .bind(&outcome.released)
-                .bind(token.0)
-                .execute(&mut *conn)
-                .await
-                .map_err(classify)?
-                .rows_affected();
+            applied += run(conn, &self.sql.release, token, |q| {
+                q.bind(&outcome.released)
+            })
+            .await?;
         }
         Ok(applied)
     }

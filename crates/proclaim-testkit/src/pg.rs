@@ -47,28 +47,35 @@ impl TestSchema {
 
 impl Drop for TestSchema {
     fn drop(&mut self) {
-        let name = self.name.clone();
-        let cleanup = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                if let Ok(pool) = PgPoolOptions::new()
-                    .max_connections(1)
-                    .connect(&database_url())
+        drop_on_own_runtime(format!(r#"DROP SCHEMA IF EXISTS "{}" CASCADE"#, self.name));
+    }
+}
+
+/// Runs a clean-up statement from `Drop`, which may run inside a test's
+/// runtime or while it unwinds: on a thread and runtime of its own.
+fn drop_on_own_runtime(sql: String) {
+    let cleanup = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            if let Ok(pool) = PgPoolOptions::new()
+                .max_connections(1)
+                .connect(&database_url())
+                .await
+            {
+                if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone()))
+                    .execute(&pool)
                     .await
                 {
-                    let sql = format!(r#"DROP SCHEMA IF EXISTS "{name}" CASCADE"#);
-                    if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&pool).await {
-                        tracing::warn!(error = %e, schema = %name, "could not drop test schema");
-                    }
-                    pool.close().await;
+                    tracing::warn!(error = %e, %sql, "test clean-up failed");
                 }
-            });
+                pool.close().await;
+            }
         });
-        let _ = cleanup.join();
-    }
+    });
+    let _ = cleanup.join();
 }
 
 /// A fresh database named `t_<unique>`, for a program whose schema names are
@@ -105,22 +112,9 @@ impl TestDatabase {
 
 impl Drop for TestDatabase {
     fn drop(&mut self) {
-        let name = self.name.clone();
-        let cleanup = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                if let Ok(pool) = PgPoolOptions::new().max_connections(1).connect(&database_url()).await {
-                    let sql = format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#);
-                    if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&pool).await {
-                        tracing::warn!(error = %e, database = %name, "could not drop test database");
-                    }
-                    pool.close().await;
-                }
-            });
-        });
-        let _ = cleanup.join();
+        drop_on_own_runtime(format!(
+            r#"DROP DATABASE IF EXISTS "{}" WITH (FORCE)"#,
+            self.name
+        ));
     }
 }

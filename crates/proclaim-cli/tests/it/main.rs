@@ -345,3 +345,61 @@ async fn outbox_stats(outbox: &PgOutbox) -> proclaim::OutboxStats {
     use proclaim::OutboxStore;
     outbox.stats().await.unwrap()
 }
+
+#[tokio::test]
+async fn config_file_is_read_and_flags_and_environment_override_it() {
+    let ts = TestSchema::new().await;
+    let stream = TestStream::new().await;
+    let outbox = migrated(&ts).await;
+    write_events(&outbox, 20, 3).await;
+    let dir = std::env::temp_dir().join(format!(
+        "proclaim-cli-{}",
+        proclaim_testkit::unique_suffix()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("proclaim.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "database_url = {url:?}\nschema = {schema:?}\n\n[relay]\nbatch_size = 7\nlease = \"20s\"\n\n[nats]\nurl = {nats:?}\nstream = {stream:?}\nsubject_prefix = {prefix:?}\n",
+            url = database_url(),
+            schema = ts.name,
+            nats = nats_url(),
+            stream = stream.name,
+            prefix = stream.prefix,
+        ),
+    )
+    .unwrap();
+    let config = file.to_str().unwrap();
+
+    // Everything from the file.
+    let out = run(&mut proclaim(), &["--config", config, "status", "--json"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["pending"], 20);
+
+    // The environment overrides the file, and a flag overrides both.
+    let mut cmd = proclaim();
+    cmd.env("PROCLAIM_SCHEMA", "no_such_schema");
+    let out = run(&mut cmd, &["--config", config, "status"]).await;
+    assert_fails(&out, 1, "\"no_such_schema\".\"outbox\" does not exist");
+    let mut cmd = proclaim();
+    cmd.env("PROCLAIM_SCHEMA", "no_such_schema");
+    let out = run(
+        &mut cmd,
+        &["--config", config, "--schema", &ts.name, "status"],
+    )
+    .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // The relay takes its stream and settings from the file.
+    let mut relay = proclaim()
+        .args(["--config", config, "relay"])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    stream.wait_for_count(20, WAIT).await;
+    sigterm(&relay);
+    assert!(wait_for_exit(&mut relay).await.success());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
