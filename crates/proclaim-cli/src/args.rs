@@ -125,7 +125,7 @@ pub(crate) struct StatusArgs {
     pub(crate) json: bool,
     /// Also list up to this many dead-lettered events.
     #[arg(long, default_value_t = 0)]
-    pub(crate) dead_letters: i64,
+    pub(crate) dead_letters: u32,
 }
 
 #[derive(Debug, Args)]

@@ -12,6 +12,7 @@
 //! Stores and publishers live in their own crates (`proclaim-postgres`,
 //! `proclaim-nats`, …); most users depend on the `proclaim` facade.
 
+mod admin;
 mod backoff;
 mod config;
 mod event;
@@ -20,6 +21,7 @@ mod record;
 mod relay;
 mod store;
 
+pub use admin::{DeadLetterEntry, OutboxAdmin};
 pub use backoff::Backoff;
 pub use config::{ConfigError, RelayConfig};
 pub use event::{

@@ -23,4 +23,5 @@ mod outbox;
 mod sql;
 
 pub use options::PgOutboxOptions;
-pub use outbox::{DeadLetterEntry, PgOutbox, SCHEMA_VERSION};
+pub use outbox::{PgOutbox, SCHEMA_VERSION};
+pub use proclaim_core::DeadLetterEntry;

@@ -5,11 +5,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use proclaim_core::{
-    AckMode, BatchOutcome, ClaimedBatch, CompleteReport, Event, EventParts, LeaseToken,
-    MalformedRecord, OutboxRecord, OutboxStats, OutboxStore, StoreError, Wakeups,
+    AckMode, BatchOutcome, ClaimedBatch, CompleteReport, DeadLetterEntry, Event, EventParts,
+    LeaseToken, MalformedRecord, OutboxAdmin, OutboxRecord, OutboxStats, OutboxStore, StoreError,
+    Wakeups,
 };
 use sqlx::postgres::{PgListener, PgPool, PgRow};
 use sqlx::{AssertSqlSafe, PgConnection, Postgres, Row, Transaction};
@@ -68,25 +68,6 @@ impl std::fmt::Debug for PgOutbox {
             .field("table", &self.sql.qualified)
             .finish_non_exhaustive()
     }
-}
-
-/// A dead-lettered event, as `proclaim status` lists it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct DeadLetterEntry {
-    /// Position in the outbox.
-    pub sequence: i64,
-    /// Event id.
-    pub id: Uuid,
-    /// Event type.
-    pub event_type: String,
-    /// Subject (ordering key).
-    pub subject: String,
-    /// Attempts made.
-    pub attempts: i32,
-    /// The last error.
-    pub last_error: String,
-    /// When it was given up on.
-    pub dead_lettered_at: Option<DateTime<Utc>>,
 }
 
 impl PgOutbox {
@@ -286,9 +267,9 @@ impl PgOutbox {
     }
 
     /// Dead-lettered events, oldest first.
-    pub async fn dead_letters(&self, limit: i64) -> Result<Vec<DeadLetterEntry>, StoreError> {
+    pub async fn dead_letters(&self, limit: u32) -> Result<Vec<DeadLetterEntry>, StoreError> {
         let rows = sqlx::query(AssertSqlSafe(self.sql.dead_letters.clone()))
-            .bind(limit)
+            .bind(i64::from(limit))
             .fetch_all(&self.pool)
             .await
             .map_err(classify)?;
@@ -539,5 +520,33 @@ impl OutboxStore for PgOutbox {
             Some(((), listener))
         });
         Ok(Some(stream.boxed()))
+    }
+}
+
+impl OutboxAdmin for PgOutbox {
+    async fn migrate(&self) -> Result<(), StoreError> {
+        PgOutbox::migrate(self).await
+    }
+
+    async fn verify_schema(&self) -> Result<(), StoreError> {
+        PgOutbox::verify_schema(self).await
+    }
+
+    async fn enqueue_standalone(&self, events: &[Event]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        self.enqueue_batch(&mut tx, events).await?;
+        tx.commit().await.map_err(classify)
+    }
+
+    async fn dead_letters(&self, limit: u32) -> Result<Vec<DeadLetterEntry>, StoreError> {
+        PgOutbox::dead_letters(self, limit).await
+    }
+
+    async fn replay_dead_letters(&self, ids: Option<&[Uuid]>) -> Result<u64, StoreError> {
+        PgOutbox::replay_dead_letters(self, ids).await
+    }
+
+    fn describe(&self) -> String {
+        self.sql.qualified.clone()
     }
 }

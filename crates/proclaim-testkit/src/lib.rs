@@ -6,6 +6,7 @@
 //! `PROCLAIM_TEST_DATABASE_URL` and `PROCLAIM_TEST_NATS_URL`.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+pub mod conformance;
 pub mod nats;
 pub mod pg;
 pub mod proxy;
