@@ -16,6 +16,7 @@ mod admin;
 mod backoff;
 mod config;
 mod event;
+pub mod local;
 mod publisher;
 mod record;
 mod relay;
