@@ -25,10 +25,10 @@ pub(crate) struct GlobalArgs {
     /// Database URL; its scheme chooses the store (postgres://…).
     #[arg(long, env = "PROCLAIM_DATABASE_URL", global = true)]
     pub(crate) database_url: Option<String>,
-    /// Schema of the outbox table [default: proclaim].
+    /// Schema of the outbox table, PostgreSQL only [default: proclaim].
     #[arg(long, env = "PROCLAIM_SCHEMA", global = true)]
     pub(crate) schema: Option<String>,
-    /// Name of the outbox table [default: outbox].
+    /// Name of the outbox table [default: outbox on PostgreSQL, proclaim_outbox elsewhere].
     #[arg(long, env = "PROCLAIM_TABLE", global = true)]
     pub(crate) table: Option<String>,
     /// Log format on stderr.
@@ -54,6 +54,18 @@ pub(crate) enum Command {
     Status(StatusArgs),
     /// Put dead-lettered events back in line for delivery.
     Replay(ReplayArgs),
+    /// The CampaignFinance scenario on the embedded default (SQLite + in-process bus): no services needed.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct DemoArgs {
+    /// Donors to record, one transaction each.
+    #[arg(long, default_value_t = 10_000)]
+    pub(crate) donors: u32,
+    /// SQLite database file to use (kept afterwards) [default: a temporary file, removed].
+    #[arg(long)]
+    pub(crate) db: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

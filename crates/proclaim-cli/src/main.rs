@@ -35,9 +35,13 @@ fn init_logging(format: LogFormat, default_level: &str) {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let file = settings::FileConfig::load(cli.global.config.as_deref())
         .map_err(|e| InputError(format!("{e:#}")))?;
+    if let Command::Demo(args) = cli.command {
+        return commands::demo::run(args).await;
+    }
     let store =
         settings::store_settings(&cli.global, &file).map_err(|e| InputError(format!("{e:#}")))?;
     match cli.command {
+        Command::Demo(_) => Ok(()),
         Command::Migrate => commands::migrate::run(&store).await,
         Command::Relay(args) => commands::relay::run(&store, args, file).await,
         Command::Emit(args) => commands::emit::run(&store, args).await,

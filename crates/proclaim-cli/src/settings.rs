@@ -57,12 +57,12 @@ impl FileConfig {
     }
 }
 
-/// Where the outbox is.
+/// Where the outbox is. Schema and table fall back to each store's default.
 #[derive(Debug, Clone)]
 pub(crate) struct StoreSettings {
     pub(crate) database_url: String,
-    pub(crate) schema: String,
-    pub(crate) table: String,
+    pub(crate) schema: Option<String>,
+    pub(crate) table: Option<String>,
 }
 
 pub(crate) fn store_settings(
@@ -74,19 +74,10 @@ pub(crate) fn store_settings(
         .clone()
         .or_else(|| file.database_url.clone())
         .context("no database URL: pass --database-url, set PROCLAIM_DATABASE_URL, or set database_url in the config file")?;
-    let defaults = proclaim::postgres::PgOutboxOptions::default();
     Ok(StoreSettings {
         database_url,
-        schema: global
-            .schema
-            .clone()
-            .or_else(|| file.schema.clone())
-            .unwrap_or(defaults.schema),
-        table: global
-            .table
-            .clone()
-            .or_else(|| file.table.clone())
-            .unwrap_or(defaults.table),
+        schema: global.schema.clone().or_else(|| file.schema.clone()),
+        table: global.table.clone().or_else(|| file.table.clone()),
     })
 }
 

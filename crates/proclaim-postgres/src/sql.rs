@@ -71,7 +71,11 @@ impl Sql {
                       AS e(id, event_type, source, subject, event_time, datacontenttype, dataschema, data, metadata)"
             )),
             notify: a(format!("SELECT pg_notify('{channel}', '')")),
-            // Claims run one at a time per table (the advisory lock), and the
+            // `picked` skips rows another transaction holds locked (SKIP
+            // LOCKED); `heads` then keeps only rows with no pending
+            // predecessor outside the claim — a skipped, locked predecessor
+            // (e.g. a stale relay recording its retry) must still block its
+            // subject. Claims run one at a time per table (the advisory lock), and the
             // planner is steered to walk the pending index in sequence order:
             // with autovacuum off or behind, stale statistics would otherwise
             // pick a bitmap scan and sort the whole backlog on every claim.
@@ -93,11 +97,17 @@ impl Sql {
                          AND (p.next_attempt_at > now() OR p.lease_expires_at > now())) \
                    ORDER BY c.sequence \
                    LIMIT $2 \
-                   FOR UPDATE OF c SKIP LOCKED) \
+                   FOR UPDATE OF c SKIP LOCKED), \
+                 heads AS ( \
+                   SELECT k.sequence FROM picked k JOIN {q} c ON c.sequence = k.sequence \
+                   WHERE NOT EXISTS ( \
+                     SELECT 1 FROM {q} p \
+                     WHERE p.status = 0 AND p.subject = c.subject AND p.sequence < c.sequence \
+                       AND NOT EXISTS (SELECT 1 FROM picked x WHERE x.sequence = p.sequence))) \
                  UPDATE {q} o SET lease_token = $1, \
                      lease_expires_at = now() + make_interval(secs => $3::float8), \
                      attempts = o.attempts + 1 \
-                 FROM picked WHERE o.sequence = picked.sequence \
+                 FROM heads WHERE o.sequence = heads.sequence \
                  RETURNING {returning}"
             )),
             delete_published: a(format!(

@@ -1,6 +1,8 @@
 //! A PostgreSQL schema of its own for each test.
 
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use std::str::FromStr;
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 /// The test database: `PROCLAIM_TEST_DATABASE_URL`, or the local `test` database.
 pub fn database_url() -> String {
@@ -15,12 +17,20 @@ pub struct TestSchema {
     pub name: String,
 }
 
+/// Connections of one test carry its schema name as `application_name`, so
+/// clean-up can end them even when the failing test left a transaction open.
+fn tagged(name: &str) -> PgConnectOptions {
+    PgConnectOptions::from_str(&database_url())
+        .unwrap()
+        .application_name(name)
+}
+
 impl TestSchema {
     pub async fn new() -> Self {
         let name = format!("t_{}", crate::unique_suffix());
         let pool = PgPoolOptions::new()
             .max_connections(8)
-            .connect(&database_url())
+            .connect_with(tagged(&name))
             .await
             .unwrap_or_else(|e| panic!("cannot connect to PostgreSQL at {}: {e}", database_url()));
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!(r#"CREATE SCHEMA "{name}""#)))
@@ -34,7 +44,7 @@ impl TestSchema {
     pub async fn another_pool(&self) -> PgPool {
         PgPoolOptions::new()
             .max_connections(8)
-            .connect(&database_url())
+            .connect_with(tagged(&self.name))
             .await
             .unwrap()
     }
@@ -47,7 +57,14 @@ impl TestSchema {
 
 impl Drop for TestSchema {
     fn drop(&mut self) {
-        drop_on_own_runtime(format!(r#"DROP SCHEMA IF EXISTS "{}" CASCADE"#, self.name));
+        // A test that failed may have left a transaction open on a runtime
+        // that no longer runs; end its connections so the drop cannot hang.
+        drop_on_own_runtime(format!(
+            r#"SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+               WHERE application_name = '{name}' AND pid <> pg_backend_pid();
+               DROP SCHEMA IF EXISTS "{name}" CASCADE"#,
+            name = self.name
+        ));
     }
 }
 

@@ -37,8 +37,11 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Features: `postgres` (the PostgreSQL store, [`postgres`]), `nats` (the NATS
-//! JetStream publisher, [`nats`]); both on by default.
+//! Features: `postgres` (the PostgreSQL store), `sqlite` (the SQLite store),
+//! `mysql` (the MariaDB / MySQL store), `nats` (the NATS JetStream
+//! publisher); `postgres` and `nats` are on by default. Without any broker,
+//! [`local::InProcessBus`] delivers to subscribers in the same process and
+//! [`local::JsonLinesPublisher`] writes events as JSON lines.
 
 pub use proclaim_core::*;
 
@@ -46,6 +49,18 @@ pub use proclaim_core::*;
 #[cfg(feature = "postgres")]
 pub mod postgres {
     pub use proclaim_postgres::*;
+}
+
+/// The SQLite store, the embedded default (feature `sqlite`).
+#[cfg(feature = "sqlite")]
+pub mod sqlite {
+    pub use proclaim_sqlite::*;
+}
+
+/// The MariaDB / MySQL store (feature `mysql`).
+#[cfg(feature = "mysql")]
+pub mod mysql {
+    pub use proclaim_mysql::*;
 }
 
 /// The NATS JetStream publisher (feature `nats`).

@@ -1,10 +1,11 @@
 use std::io::Write;
 
-use proclaim::Event;
+use proclaim::{Event, OutboxAdmin};
 
 use crate::InputError;
 use crate::args::EmitArgs;
 use crate::settings::StoreSettings;
+use crate::store::with_outbox;
 
 pub(crate) async fn run(settings: &StoreSettings, args: EmitArgs) -> anyhow::Result<()> {
     // Check the input before touching the database.
@@ -22,11 +23,10 @@ pub(crate) async fn run(settings: &StoreSettings, args: EmitArgs) -> anyhow::Res
     }
     let event = builder.build().map_err(|e| InputError(e.to_string()))?;
 
-    let outbox = crate::store::open(settings, 1).await?;
-    outbox.verify_schema().await?;
-    let mut tx = outbox.pool().begin().await?;
-    outbox.enqueue(&mut tx, &event).await?;
-    tx.commit().await?;
+    with_outbox!(crate::store::open(settings, 1).await?, outbox => {
+        outbox.verify_schema().await?;
+        outbox.enqueue_standalone(std::slice::from_ref(&event)).await?;
+    });
     writeln!(std::io::stdout(), "{}", event.id())?;
     Ok(())
 }

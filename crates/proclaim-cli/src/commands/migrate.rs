@@ -1,8 +1,12 @@
+use proclaim::OutboxAdmin;
+
 use crate::settings::StoreSettings;
+use crate::store::with_outbox;
 
 pub(crate) async fn run(settings: &StoreSettings) -> anyhow::Result<()> {
-    let outbox = crate::store::open(settings, 2).await?;
-    outbox.migrate().await?;
-    tracing::info!(table = outbox.table_name(), "outbox schema is up to date");
+    with_outbox!(crate::store::open(settings, 2).await?, outbox => {
+        outbox.migrate().await?;
+        tracing::info!(table = outbox.describe(), "outbox schema is up to date");
+    });
     Ok(())
 }

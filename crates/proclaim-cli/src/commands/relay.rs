@@ -4,6 +4,7 @@ use proclaim::{CancellationToken, Relay};
 
 use crate::args::RelayArgs;
 use crate::settings::{FileConfig, StoreSettings, relay_settings};
+use crate::store::with_outbox;
 
 pub(crate) async fn run(
     settings: &StoreSettings,
@@ -20,7 +21,7 @@ pub(crate) async fn run(
     }
     let pool_size = u32::try_from(config.max_batches_in_flight).unwrap_or(64) + 3;
     let outbox = crate::store::open(settings, pool_size).await?;
-    outbox.verify_schema().await?;
+    with_outbox!(&outbox, s => s.verify_schema().await?);
     let publisher = NatsPublisher::connect(nats).await?;
 
     let shutdown = CancellationToken::new();
@@ -30,7 +31,7 @@ pub(crate) async fn run(
         tracing::info!("shutdown requested; finishing in-flight work");
         signals.cancel();
     });
-    let report = Relay::new(outbox, publisher, config)?.run(shutdown).await;
+    let report = with_outbox!(outbox, s => Relay::new(s, publisher, config)?.run(shutdown).await);
     tracing::info!(
         published = report.published,
         retried = report.retried,

@@ -403,3 +403,84 @@ async fn config_file_is_read_and_flags_and_environment_override_it() {
     assert!(wait_for_exit(&mut relay).await.success());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test]
+async fn demo_runs_on_the_embedded_default_and_loses_nothing() {
+    let out = run(&mut proclaim(), &["demo", "--donors", "500"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let line = stdout.trim();
+    assert!(
+        line.starts_with("delivered 500/500, lost 0, duplicates "),
+        "{line}"
+    );
+    assert_eq!(
+        line.lines().count(),
+        1,
+        "one summary line, no progress bar when stdout is a pipe: {line:?}"
+    );
+}
+
+/// The same commands on every store, chosen by the URL's scheme.
+async fn emit_status_replay_on(url: &str) {
+    let mut cmd = proclaim();
+    cmd.env("PROCLAIM_DATABASE_URL", url);
+    let out = run(&mut cmd, &["status"]).await;
+    assert_fails(&out, 1, "run `proclaim migrate`");
+    let mut cmd = proclaim();
+    cmd.env("PROCLAIM_DATABASE_URL", url);
+    let out = run(&mut cmd, &["migrate"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    for n in 0..3 {
+        let mut cmd = proclaim();
+        cmd.env("PROCLAIM_DATABASE_URL", url);
+        let data = format!(r#"{{"n":{n}}}"#);
+        let out = run(
+            &mut cmd,
+            &[
+                "emit",
+                "--type",
+                "DonorSecured",
+                "--subject",
+                "donor-1",
+                "--data",
+                &data,
+            ],
+        )
+        .await;
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let mut cmd = proclaim();
+    cmd.env("PROCLAIM_DATABASE_URL", url);
+    let out = run(&mut cmd, &["status", "--json"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["pending"], 3, "{status}");
+    let mut cmd = proclaim();
+    cmd.env("PROCLAIM_DATABASE_URL", url);
+    let out = run(&mut cmd, &["replay", "--all"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "replayed 0");
+}
+
+#[tokio::test]
+async fn the_same_commands_work_on_sqlite() {
+    let dir = std::env::temp_dir().join(format!(
+        "proclaim-cli-{}",
+        proclaim_testkit::unique_suffix()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let url = format!("sqlite://{}?mode=rwc", dir.join("outbox.db").display());
+    emit_status_replay_on(&url).await;
+    let mut cmd = proclaim();
+    cmd.env("PROCLAIM_DATABASE_URL", &url);
+    let out = run(&mut cmd, &["--schema", "x", "status"]).await;
+    assert_fails(&out, 2, "applies to PostgreSQL only");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn the_same_commands_work_on_mariadb() {
+    let db = proclaim_testkit::mysql::TestMySqlDatabase::new().await;
+    emit_status_replay_on(&db.url()).await;
+}

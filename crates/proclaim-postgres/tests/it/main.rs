@@ -225,3 +225,46 @@ async fn notify_wakes_a_listener_on_commit_only() {
     let woke = tokio::time::timeout(Duration::from_secs(5), wakeups.next()).await;
     assert_eq!(woke.unwrap(), Some(()));
 }
+
+#[tokio::test]
+async fn a_locked_predecessor_still_blocks_its_subject() {
+    // A stale relay whose lease ran out is recording a retry for the head of
+    // "k": it holds the head's row lock. A claim now must skip the head (it is
+    // locked) and must not take the next event of "k" either.
+    let ts = TestSchema::new().await;
+    let outbox = outbox(&ts).await;
+    let mut tx = ts.pool.begin().await.unwrap();
+    outbox
+        .enqueue_batch(&mut tx, &[event("k", 1), event("k", 2), event("j", 3)])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let stale = outbox
+        .claim(LeaseToken::new(), 1, Duration::from_millis(1))
+        .await
+        .unwrap();
+    assert_eq!(numbers(&stale), vec![1]);
+    let mut recording = ts.pool.begin().await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        r#"UPDATE "{}".outbox SET last_error = 'retrying' WHERE sequence = $1"#,
+        ts.name
+    )))
+    .bind(stale.records[0].sequence)
+    .execute(&mut *recording)
+    .await
+    .unwrap();
+    let other = PgOutbox::with_options(
+        ts.another_pool().await,
+        PgOutboxOptions::default().with_schema(&ts.name),
+    )
+    .unwrap();
+    let claimed = other.claim(LeaseToken::new(), 100, LEASE).await.unwrap();
+    assert_eq!(
+        numbers(&claimed),
+        vec![3],
+        "2 must wait behind its locked head"
+    );
+    recording.rollback().await.unwrap();
+    let claimed = other.claim(LeaseToken::new(), 100, LEASE).await.unwrap();
+    assert_eq!(numbers(&claimed), vec![1, 2]);
+}
