@@ -38,7 +38,8 @@
 //! ```
 //!
 //! Features: `postgres` (the PostgreSQL store), `sqlite` (the SQLite store),
-//! `mysql` (the MariaDB / MySQL store), `nats` (the NATS JetStream
+//! `mysql` (the MariaDB / MySQL store), `docstore` (DocStore, seed 004),
+//! `nats` (the NATS JetStream
 //! publisher); `postgres` and `nats` are on by default. Without any broker,
 //! [`local::InProcessBus`] delivers to subscribers in the same process and
 //! [`local::JsonLinesPublisher`] writes events as JSON lines.
@@ -61,6 +62,13 @@ pub mod sqlite {
 #[cfg(feature = "mysql")]
 pub mod mysql {
     pub use proclaim_mysql::*;
+}
+
+/// DocStore: JSON documents whose writes and events commit together
+/// (feature `docstore`).
+#[cfg(feature = "docstore")]
+pub mod docstore {
+    pub use proclaim_docstore::*;
 }
 
 /// The NATS JetStream publisher (feature `nats`).
