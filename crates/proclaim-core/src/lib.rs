@@ -21,6 +21,7 @@ mod publisher;
 mod record;
 mod relay;
 mod store;
+pub mod store_support;
 
 pub use admin::{DeadLetterEntry, OutboxAdmin};
 pub use backoff::Backoff;

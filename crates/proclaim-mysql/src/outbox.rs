@@ -17,6 +17,7 @@ use crate::error::{classify, error_number};
 use crate::ident::{Ident, fnv1a};
 use crate::options::MySqlOutboxOptions;
 use crate::sql::Sql;
+use proclaim_core::store_support::{clip_error, metadata_json};
 
 /// The newest schema version this crate knows; see [`MySqlOutbox::migrate`].
 pub const SCHEMA_VERSION: i32 = 1;
@@ -31,7 +32,6 @@ pub const SUBJECT_LOCK_SLOTS: u32 = 65_536;
 pub const MAX_CLAIM: usize = 5_000;
 
 const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../migrations/0001_outbox.sql"))];
-const MAX_ERROR_LEN: usize = 4000;
 /// Rows per statement for `IN (…)` lists and multi-row inserts.
 const CHUNK: usize = 1_000;
 /// Published rows deleted per statement by `purge_published`.
@@ -532,23 +532,6 @@ fn micros(d: Duration) -> i64 {
     i64::try_from(d.min(MAX_INTERVAL).as_micros()).unwrap_or(i64::MAX)
 }
 
-fn metadata_json(event: &Event) -> String {
-    serde_json::to_string(event.metadata()).unwrap_or_else(|_| "{}".into())
-}
-
-fn clip_error(error: &str) -> String {
-    let mut out: String = error.chars().filter(|c| *c != '\0').collect();
-    if out.len() > MAX_ERROR_LEN {
-        let mut cut = MAX_ERROR_LEN;
-        while !out.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        out.truncate(cut);
-        out.push('…');
-    }
-    out
-}
-
 fn decode_row(row: &MySqlRow) -> Result<OutboxRecord, (i64, String)> {
     let sequence: i64 = row.try_get(0).map_err(|e| (0, e.to_string()))?;
     let bad = |e: String| (sequence, e);
@@ -776,15 +759,6 @@ mod tests {
             let slot = subject_slot(s);
             assert!((0..SUBJECT_LOCK_SLOTS as i32).contains(&slot));
         }
-    }
-
-    #[test]
-    fn errors_are_clipped_and_lose_nuls() {
-        assert_eq!(clip_error("a\0b"), "ab");
-        let long = "é".repeat(3000);
-        let clipped = clip_error(&long);
-        assert!(clipped.len() <= MAX_ERROR_LEN + '…'.len_utf8());
-        assert!(clipped.ends_with('…'));
     }
 
     #[test]

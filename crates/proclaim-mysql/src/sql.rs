@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use crate::ident::Ident;
+use crate::ident::{Ident, WithSuffix};
 
 /// Columns written by `enqueue`, in bind order.
 const COLUMNS: &str = "id, event_type, source, subject, event_time, datacontenttype, dataschema, data, metadata, created_at";

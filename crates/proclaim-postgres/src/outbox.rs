@@ -19,11 +19,11 @@ use crate::error::classify;
 use crate::ident::{Ident, fnv1a};
 use crate::options::PgOutboxOptions;
 use crate::sql::Sql;
+use proclaim_core::store_support::{clip_error, metadata_json};
 
 /// The newest schema version this crate knows; see [`PgOutbox::migrate`].
 pub const SCHEMA_VERSION: i32 = 1;
 const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../migrations/0001_outbox.sql"))];
-const MAX_ERROR_LEN: usize = 4000;
 
 /// A transactional outbox in a PostgreSQL table.
 ///
@@ -367,23 +367,6 @@ impl PgOutbox {
         }
         Ok(applied)
     }
-}
-
-fn metadata_json(event: &Event) -> String {
-    serde_json::to_string(event.metadata()).unwrap_or_else(|_| "{}".into())
-}
-
-fn clip_error(error: &str) -> String {
-    let mut out: String = error.chars().filter(|c| *c != '\0').collect();
-    if out.len() > MAX_ERROR_LEN {
-        let mut cut = MAX_ERROR_LEN;
-        while !out.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        out.truncate(cut);
-        out.push('…');
-    }
-    out
 }
 
 fn decode_row(row: &PgRow) -> Result<OutboxRecord, (i64, String)> {

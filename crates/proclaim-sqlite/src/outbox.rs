@@ -24,11 +24,11 @@ use crate::ident::Ident;
 use crate::options::SqliteOutboxOptions;
 use crate::sql::Sql;
 use crate::wake::Signal;
+use proclaim_core::store_support::{clip_error, metadata_json};
 
 /// The newest schema version this crate knows; see [`SqliteOutbox::migrate`].
 pub const SCHEMA_VERSION: i64 = 1;
 const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../migrations/0001_outbox.sql"))];
-const MAX_ERROR_LEN: usize = 4000;
 /// How long a statement waits for another connection's write lock before it
 /// fails with `SQLITE_BUSY` (reported as [`StoreError::Unavailable`]).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -496,23 +496,6 @@ fn json_list<T: serde::Serialize>(list: &[T]) -> String {
     serde_json::to_string(list).unwrap_or_else(|_| "[]".into())
 }
 
-fn metadata_json(event: &Event) -> String {
-    serde_json::to_string(event.metadata()).unwrap_or_else(|_| "{}".into())
-}
-
-fn clip_error(error: &str) -> String {
-    let mut out: String = error.chars().filter(|c| *c != '\0').collect();
-    if out.len() > MAX_ERROR_LEN {
-        let mut cut = MAX_ERROR_LEN;
-        while !out.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        out.truncate(cut);
-        out.push('…');
-    }
-    out
-}
-
 fn decode_row(row: &SqliteRow) -> Result<OutboxRecord, (i64, String)> {
     let sequence: i64 = row.try_get(0).map_err(|e| (0, e.to_string()))?;
     let bad = |e: String| (sequence, e);
@@ -683,15 +666,6 @@ impl OutboxAdmin for SqliteOutbox {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn errors_are_clipped_and_lose_nuls() {
-        assert_eq!(clip_error("a\0b"), "ab");
-        let long = "é".repeat(MAX_ERROR_LEN);
-        let clipped = clip_error(&long);
-        assert!(clipped.len() <= MAX_ERROR_LEN + '…'.len_utf8());
-        assert!(clipped.ends_with('…'));
-    }
 
     #[test]
     fn memory_urls_are_recognized() {
