@@ -8,6 +8,11 @@
 //! relay did (a) and (b) one after the other with no overlap, it would reach
 //! H = 1/(1/a + 1/b); the ratio relay/H shows how much it gains by pipelining
 //! (above 1) or loses to its own overhead (below 1).
+//!
+//! The same measurement runs on each store (`--store`): the relay, the
+//! writer and baseline (a) are the same code for all of them; baseline (b)
+//! is each database's plain way to claim-and-delete a batch (see
+//! [`BenchDb::claim_delete_all`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,12 +26,11 @@ use clap::Args;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use proclaim::nats::NatsPublisher;
-use proclaim::postgres::PgOutbox;
 use proclaim::{Event, Relay, RelayConfig, RelayReport};
 use serde_json::json;
-use sqlx::AssertSqlSafe;
 use tokio::time::{Instant, MissedTickBehavior};
 
+use crate::db::{BenchDb, Db, StoreKind};
 use crate::env::{BenchStream, Env, StopOnDrop, bare_headers, donor_events};
 use crate::output::{Output, round};
 use crate::stats::Spread;
@@ -38,6 +42,10 @@ const POLL: Duration = Duration::from_millis(10);
 
 #[derive(Debug, Args)]
 pub(crate) struct DrainArgs {
+    /// The outbox store: PostgreSQL (`--database-url`), SQLite (a fresh file
+    /// under `--sqlite-dir`) or MariaDB / MySQL (`--mysql-url`).
+    #[arg(long, value_enum, default_value_t = StoreKind::Postgres)]
+    pub(crate) store: StoreKind,
     /// Events per run [default: 100000, or 5000 with --quick].
     #[arg(long)]
     events: Option<usize>,
@@ -76,6 +84,19 @@ struct RunResult {
 }
 
 pub(crate) async fn run(env: Arc<Env>, args: DrainArgs, out: Output) -> anyhow::Result<()> {
+    match &env.db {
+        Db::Postgres(db) => run_on(&env, db, &args, out).await,
+        Db::Sqlite(db) => run_on(&env, db, &args, out).await,
+        Db::MySql(db) => run_on(&env, db.as_ref(), &args, out).await,
+    }
+}
+
+async fn run_on<D: BenchDb>(
+    env: &Env,
+    db: &D,
+    args: &DrainArgs,
+    out: Output,
+) -> anyhow::Result<()> {
     let events = args
         .events
         .unwrap_or(if args.quick { 5_000 } else { 100_000 });
@@ -94,19 +115,16 @@ pub(crate) async fn run(env: Arc<Env>, args: DrainArgs, out: Output) -> anyhow::
 
     let relay_stream = env.create_stream("relay").await?;
     let bare_stream = env.create_stream("bare").await?;
-    let writer = PgOutbox::with_options(
-        env.pool.clone(),
-        proclaim::postgres::PgOutboxOptions::default().with_schema(&env.schema),
-    )?;
-    writer.migrate().await.context("migrating the outbox")?;
+    db.migrate().await?;
 
     out.line(format!(
-        "drain: {events} events per run, {runs} runs, batch size {}, {} relay(s), {} subjects; \
-         schema {}, streams {} / {} (file storage)",
+        "drain on {}: {events} events per run, {runs} runs, batch size {}, {} relay(s), {} subjects; \
+         {}, streams {} / {} (file storage)",
+        D::NAME,
         args.batch_size,
         args.relays,
         args.subjects,
-        env.schema,
+        db.describe(),
         relay_stream.name,
         bare_stream.name
     ))?;
@@ -116,17 +134,9 @@ pub(crate) async fn run(env: Arc<Env>, args: DrainArgs, out: Output) -> anyhow::
     ))?;
     let mut results = Vec::with_capacity(runs);
     for n in 1..=runs {
-        let r = one_run(
-            &env,
-            &args,
-            &config,
-            &writer,
-            &relay_stream,
-            &bare_stream,
-            events,
-        )
-        .await
-        .with_context(|| format!("run {n}"))?;
+        let r = one_run(env, db, args, &config, &relay_stream, &bare_stream, events)
+            .await
+            .with_context(|| format!("run {n}"))?;
         let note = if r.duplicates > 0 {
             format!("  ({} duplicate publishes)", r.duplicates)
         } else {
@@ -158,7 +168,7 @@ pub(crate) async fn run(env: Arc<Env>, args: DrainArgs, out: Output) -> anyhow::
 
     out.json(&json!({
         "scenario": "drain",
-        "store": "postgres",
+        "store": D::NAME,
         "broker": "nats",
         "relays": args.relays,
         "events": events,
@@ -193,11 +203,11 @@ fn row(label: &str, r: &RunResult) -> String {
     )
 }
 
-async fn one_run(
+async fn one_run<D: BenchDb>(
     env: &Env,
+    db: &D,
     args: &DrainArgs,
     config: &RelayConfig,
-    writer: &PgOutbox,
     relay_stream: &BenchStream,
     bare_stream: &BenchStream,
     n: usize,
@@ -206,12 +216,12 @@ async fn one_run(
     let events = donor_events(n, args.subjects)?;
 
     // (b) bare claim-and-delete of the pre-written rows.
-    write(env, writer, &events).await?;
-    let claim_delete = claim_delete_all(env, args.batch_size, n).await?;
+    write(db, &events).await?;
+    let claim_delete = db.claim_delete_all(args.batch_size, n).await?;
 
     // The relay, on the same rows written again.
-    write(env, writer, &events).await?;
-    let (relay, reports) = relay_drain(env, config, args, relay_stream, n).await?;
+    write(db, &events).await?;
+    let (relay, reports) = relay_drain(env, db, config, args, relay_stream, n).await?;
     let published: u64 = reports.iter().map(|r| r.published).sum();
     let dead: u64 = reports.iter().map(|r| r.dead_lettered).sum();
     ensure!(dead == 0, "the relay dead-lettered {dead} events");
@@ -243,58 +253,31 @@ async fn one_run(
     })
 }
 
-/// Writes `events` with `enqueue_batch`, 1000 per transaction, then vacuums,
-/// so every timed phase starts on the same, clean table.
-async fn write(env: &Env, writer: &PgOutbox, events: &[Event]) -> anyhow::Result<()> {
+/// Writes `events` with `enqueue_batch`, 1000 per transaction, then settles
+/// the table (PostgreSQL: `VACUUM ANALYZE`), so every timed phase starts on
+/// the same, clean table.
+async fn write<D: BenchDb>(db: &D, events: &[Event]) -> anyhow::Result<()> {
     ensure!(
-        env.outbox_is_empty().await?,
+        db.is_empty().await?,
         "the outbox is not empty before writing"
     );
     for chunk in events.chunks(WRITE_CHUNK) {
-        let mut tx = env.pool.begin().await?;
-        writer.enqueue_batch(&mut tx, chunk).await?;
-        tx.commit().await?;
+        db.write_batch(chunk).await?;
     }
-    let rows = env.outbox_rows().await?;
+    let rows = db.rows().await?;
     ensure!(
         rows == events.len() as i64,
         "wrote {} events but the outbox holds {rows}",
         events.len()
     );
-    env.vacuum().await
-}
-
-/// Baseline (b): claims and deletes every row, `batch` per statement, on one
-/// connection, and returns the time taken.
-async fn claim_delete_all(env: &Env, batch: usize, n: usize) -> anyhow::Result<Duration> {
-    let t = env.table();
-    let sql = format!(
-        "DELETE FROM {t} WHERE sequence IN (SELECT sequence FROM {t} WHERE status = 0 \
-         ORDER BY sequence LIMIT $1 FOR UPDATE SKIP LOCKED) RETURNING *"
-    );
-    let limit = i64::try_from(batch)?;
-    let mut conn = env.pool.acquire().await?;
-    let start = Instant::now();
-    let mut deleted = 0;
-    while deleted < n {
-        let rows = sqlx::query(AssertSqlSafe(sql.clone()))
-            .bind(limit)
-            .fetch_all(&mut *conn)
-            .await?;
-        if rows.is_empty() {
-            break;
-        }
-        deleted += rows.len();
-    }
-    let elapsed = start.elapsed();
-    ensure!(deleted == n, "claimed and deleted {deleted} rows, not {n}");
-    Ok(elapsed)
+    db.settle().await
 }
 
 /// Runs the relay(s) from start until the stream holds `n` messages and the
 /// outbox is empty; returns that time and the relays' reports.
-async fn relay_drain(
+async fn relay_drain<D: BenchDb>(
     env: &Env,
+    db: &D,
     config: &RelayConfig,
     args: &DrainArgs,
     stream: &BenchStream,
@@ -302,10 +285,10 @@ async fn relay_drain(
 ) -> anyhow::Result<(Duration, Vec<RelayReport>)> {
     // Connections and relays are made before the clock starts.
     let mut relays = Vec::with_capacity(args.relays);
-    let mut pools = Vec::with_capacity(args.relays);
+    let mut outboxes = Vec::with_capacity(args.relays);
     for _ in 0..args.relays {
-        let outbox = env.outbox(true).await?;
-        pools.push(outbox.pool().clone());
+        let outbox = db.relay_outbox().await?;
+        outboxes.push(outbox.clone());
         let publisher = NatsPublisher::connect(stream.nats_config(&env.nats_url)).await?;
         relays.push(Relay::new(outbox, publisher, config.clone())?);
     }
@@ -313,16 +296,16 @@ async fn relay_drain(
     let start = Instant::now();
     let handles: Vec<_> = relays.into_iter().map(Relay::spawn).collect();
     let _stop = StopOnDrop::new(handles.iter().map(|h| h.cancellation_token()));
-    let drained = wait_drained(env, stream, n, start, args.timeout).await;
+    let drained = wait_drained(db, stream, n, start, args.timeout).await;
     let reports = futures::future::join_all(handles.into_iter().map(|h| h.shutdown())).await;
-    for pool in pools {
-        pool.close().await;
+    for outbox in outboxes {
+        D::close_relay_outbox(outbox).await;
     }
     Ok((drained?, reports))
 }
 
-async fn wait_drained(
-    env: &Env,
+async fn wait_drained<D: BenchDb>(
+    db: &D,
     stream: &BenchStream,
     n: usize,
     start: Instant,
@@ -338,11 +321,11 @@ async fn wait_drained(
             count <= n,
             "the stream holds {count} messages, more than the {n} events"
         );
-        if count == n && env.outbox_is_empty().await? {
+        if count == n && db.is_empty().await? {
             return Ok(start.elapsed());
         }
         if start.elapsed() > timeout {
-            let rows = env.outbox_rows().await?;
+            let rows = db.rows().await?;
             bail!(
                 "not drained after {timeout:?}: the stream holds {count} of {n} messages and the outbox {rows} rows"
             );

@@ -1,5 +1,6 @@
-//! The resources of one scenario: its PostgreSQL schema and its JetStream
-//! streams, created at the start and removed at the end.
+//! The resources of one scenario: its database (a PostgreSQL schema, a
+//! SQLite file or a MariaDB / MySQL database, see [`crate::db`]) and its
+//! JetStream streams, created at the start and removed at the end.
 
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -9,31 +10,24 @@ use async_nats::HeaderMap;
 use async_nats::header::NATS_MESSAGE_ID;
 use async_nats::jetstream::{self, stream};
 use proclaim::nats::NatsConfig;
-use proclaim::postgres::{PgOutbox, PgOutboxOptions};
 use proclaim::{CancellationToken, Event};
-use sqlx::AssertSqlSafe;
-use sqlx::postgres::{PgPool, PgPoolOptions};
 
 use crate::Common;
+use crate::db::{Db, PgDb, SCHEMA_PREFIX, StoreKind};
 
-/// Prefix of every schema the benchmarks create.
-pub(crate) const SCHEMA_PREFIX: &str = "bench_";
 /// Prefix of every stream the benchmarks create.
 pub(crate) const STREAM_PREFIX: &str = "BENCH_";
 /// Duplicate window of the streams: the same as `NatsConfig`'s default.
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
-/// One scenario's schema and streams, and the connections that manage them.
+/// One scenario's database and streams, and the connections that manage them.
 pub(crate) struct Env {
-    pub(crate) database_url: String,
     pub(crate) nats_url: String,
-    /// Pool for writers, baselines and checks (not used by the relay).
-    pub(crate) pool: PgPool,
     /// Client for baselines, consumers and stream checks (not used by the relay).
     pub(crate) nats: async_nats::Client,
     pub(crate) js: jetstream::Context,
-    /// The scenario's schema.
-    pub(crate) schema: String,
+    /// The scenario's database.
+    pub(crate) db: Db,
     suffix: String,
     streams: Mutex<Vec<String>>,
 }
@@ -46,37 +40,39 @@ pub(crate) struct BenchStream {
 }
 
 impl Env {
-    /// Connects to both services and creates the scenario's schema.
-    pub(crate) async fn new(scenario: &str, common: &Common) -> anyhow::Result<Self> {
+    /// Connects to NATS and creates the scenario's database on `store`.
+    pub(crate) async fn new(
+        scenario: &str,
+        common: &Common,
+        store: StoreKind,
+    ) -> anyhow::Result<Self> {
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_nanos();
         let suffix = format!("{scenario}_{}_{:x}", std::process::id(), nanos % (1 << 40));
-        let pool = PgPoolOptions::new()
-            .max_connections(16)
-            .connect(&common.database_url)
-            .await
-            .with_context(|| format!("cannot connect to PostgreSQL at {}", common.database_url))?;
         let nats = async_nats::connect(&common.nats_url)
             .await
             .with_context(|| format!("cannot connect to NATS at {}", common.nats_url))?;
         let js = jetstream::new(nats.clone());
-        let schema = format!("{SCHEMA_PREFIX}{suffix}");
-        sqlx::raw_sql(AssertSqlSafe(format!(r#"CREATE SCHEMA "{schema}""#)))
-            .execute(&pool)
-            .await
-            .with_context(|| format!("cannot create schema {schema}"))?;
+        // Last, so that nothing is left to remove when an earlier step fails.
+        let db = Db::create(store, common, &suffix).await?;
         Ok(Env {
-            database_url: common.database_url.clone(),
             nats_url: common.nats_url.clone(),
-            pool,
             nats,
             js,
-            schema,
+            db,
             suffix,
             streams: Mutex::new(Vec::new()),
         })
+    }
+
+    /// The scenario's PostgreSQL schema, for scenarios that only run on PostgreSQL.
+    pub(crate) fn postgres(&self) -> anyhow::Result<&PgDb> {
+        match &self.db {
+            Db::Postgres(pg) => Ok(pg),
+            _ => bail!("this scenario runs on PostgreSQL only"),
+        }
     }
 
     /// Creates the stream `BENCH_<SUFFIX>_<ROLE>` (file storage, the
@@ -107,53 +103,7 @@ impl Env {
         })
     }
 
-    /// A `PgOutbox` on the scenario's schema with a pool of its own (as a
-    /// relay process would have), migrated.
-    pub(crate) async fn outbox(&self, notify: bool) -> anyhow::Result<PgOutbox> {
-        let pool = PgPoolOptions::new()
-            .max_connections(10)
-            .connect(&self.database_url)
-            .await
-            .context("cannot connect the relay's pool")?;
-        let options = PgOutboxOptions::default()
-            .with_schema(&self.schema)
-            .with_notify(notify);
-        let outbox = PgOutbox::with_options(pool, options)?;
-        outbox.migrate().await.context("migrating the outbox")?;
-        Ok(outbox)
-    }
-
-    /// The outbox table, quoted and schema-qualified.
-    pub(crate) fn table(&self) -> String {
-        format!(r#""{}".outbox"#, self.schema)
-    }
-
-    /// Number of rows in the outbox table.
-    pub(crate) async fn outbox_rows(&self) -> anyhow::Result<i64> {
-        let sql = format!("SELECT count(*) FROM {}", self.table());
-        Ok(sqlx::query_scalar(AssertSqlSafe(sql))
-            .fetch_one(&self.pool)
-            .await?)
-    }
-
-    /// Whether the outbox table holds no row.
-    pub(crate) async fn outbox_is_empty(&self) -> anyhow::Result<bool> {
-        let sql = format!("SELECT NOT EXISTS (SELECT 1 FROM {})", self.table());
-        Ok(sqlx::query_scalar(AssertSqlSafe(sql))
-            .fetch_one(&self.pool)
-            .await?)
-    }
-
-    /// `VACUUM ANALYZE` of the outbox, so every timed phase starts on a table
-    /// without dead rows and with fresh statistics.
-    pub(crate) async fn vacuum(&self) -> anyhow::Result<()> {
-        sqlx::raw_sql(AssertSqlSafe(format!("VACUUM ANALYZE {}", self.table())))
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    /// Drops the schema and deletes the streams; tries everything, then
+    /// Deletes the streams and removes the database; tries everything, then
     /// reports what failed.
     pub(crate) async fn cleanup(&self) -> anyhow::Result<()> {
         let mut failures = Vec::new();
@@ -173,18 +123,9 @@ impl Env {
                 Err(_) => failures.push(format!("stream {name}: timed out")),
             }
         }
-        let drop = format!(r#"DROP SCHEMA IF EXISTS "{}" CASCADE"#, self.schema);
-        let dropped = tokio::time::timeout(
-            Duration::from_secs(60),
-            sqlx::raw_sql(AssertSqlSafe(drop)).execute(&self.pool),
-        )
-        .await;
-        match dropped {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => failures.push(format!("schema {}: {e}", self.schema)),
-            Err(_) => failures.push(format!("schema {}: timed out", self.schema)),
+        if let Err(failure) = self.db.cleanup().await {
+            failures.push(failure);
         }
-        self.pool.close().await;
         if !failures.is_empty() {
             bail!("could not remove {}", failures.join("; "));
         }

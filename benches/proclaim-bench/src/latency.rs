@@ -157,17 +157,18 @@ pub(crate) async fn run(env: Arc<Env>, args: LatencyArgs, out: Output) -> anyhow
     }
     config.validate()?;
 
+    let pg = env.postgres()?;
     let relay_stream = env.create_stream("relay").await?;
     let bare_stream = env.create_stream("bare").await?;
     let writer_pool = PgPoolOptions::new()
         .max_connections(args.writers)
-        .connect(&env.database_url)
+        .connect(&pg.database_url)
         .await
         .context("cannot connect the writers' pool")?;
     let writer = PgOutbox::with_options(
         writer_pool.clone(),
         PgOutboxOptions::default()
-            .with_schema(&env.schema)
+            .with_schema(&pg.schema)
             .with_notify(wakeup),
     )?;
     writer.migrate().await.context("migrating the outbox")?;
@@ -180,7 +181,7 @@ pub(crate) async fn run(env: Arc<Env>, args: LatencyArgs, out: Output) -> anyhow
         if wakeup { "on (NOTIFY)" } else { "off (polling only)" },
         config.poll_interval,
         args.subjects,
-        env.schema,
+        pg.schema,
         relay_stream.name,
         bare_stream.name
     ))?;
@@ -320,14 +321,15 @@ async fn one_run(
     seconds: u64,
 ) -> anyhow::Result<RunResult> {
     let total = usize::try_from(args.rate * seconds)?;
-    ensure!(env.outbox_is_empty().await?, "the outbox is not empty");
-    env.vacuum().await?;
+    let pg = env.postgres()?;
+    ensure!(pg.outbox_is_empty().await?, "the outbox is not empty");
+    pg.vacuum().await?;
 
     // The consumer first, then the relay, then the writer.
     let delivered = Stamps::default();
     let mut consumer = start_consumer(env, relay_stream, delivered.clone()).await?;
     let acks = Stamps::default();
-    let outbox = env.outbox(!args.no_wakeup).await?;
+    let outbox = pg.outbox(!args.no_wakeup).await?;
     let relay_pool = outbox.pool().clone();
     let publisher = AckRecorder {
         inner: NatsPublisher::connect(relay_stream.nats_config(&env.nats_url)).await?,
@@ -370,7 +372,7 @@ async fn one_run(
         report.published
     );
     ensure!(
-        env.outbox_is_empty().await?,
+        pg.outbox_is_empty().await?,
         "the outbox is not empty after the run"
     );
     let stored = relay_stream.count().await?;

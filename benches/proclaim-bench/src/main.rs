@@ -1,6 +1,6 @@
 //! `proclaim-bench`: benchmarks of the proclaim relay against a real
-//! PostgreSQL and a real NATS JetStream, each figure next to a baseline
-//! measured in the same run on the same machine.
+//! PostgreSQL (or SQLite, or MariaDB / MySQL) and a real NATS JetStream, each
+//! figure next to a baseline measured in the same run on the same machine.
 //!
 //! Always build and run in release:
 //!
@@ -11,6 +11,10 @@
 //! cargo run --release -p proclaim-bench -- drain --events 100000 --runs 5
 //! cargo run --release -p proclaim-bench -- drain --events 100000 --runs 5 --batch-size 256 --relays 1
 //!
+//! # The same on the other stores (same baselines, measured the same way):
+//! cargo run --release -p proclaim-bench -- drain --events 100000 --runs 5 --store sqlite
+//! cargo run --release -p proclaim-bench -- drain --events 100000 --runs 5 --store mysql
+//!
 //! # Latency: commit → JetStream publish ack at a steady offered rate, with the
 //! # NOTIFY wake-up (default) or polling only, against the COMMIT round trip
 //! # and a bare JetStream publish → ack round trip at the same rate.
@@ -20,24 +24,35 @@
 //!
 //! # Smoke tests for CI (a few seconds each):
 //! cargo run --release -p proclaim-bench -- drain --quick
+//! cargo run --release -p proclaim-bench -- drain --quick --store sqlite
+//! cargo run --release -p proclaim-bench -- drain --quick --store mysql
 //! cargo run --release -p proclaim-bench -- latency --quick
 //! cargo run --release -p proclaim-bench -- latency --quick --no-wakeup
 //!
 //! # Machine-readable: one JSON object per line on stdout (the table goes to stderr).
 //! cargo run --release -p proclaim-bench -- drain --quick --json
 //!
-//! # Schemas (bench_*) and streams (BENCH_*) left behind by a killed run:
+//! # Schemas and databases (bench_*), SQLite directories (proclaim_bench_*)
+//! # and streams (BENCH_*) left behind by a killed run:
 //! cargo run --release -p proclaim-bench -- leftovers
 //! cargo run --release -p proclaim-bench -- leftovers --delete
 //! ```
 //!
 //! Services: `--database-url` (env `PROCLAIM_BENCH_DATABASE_URL`, default
-//! `postgres://postgres@127.0.0.1:5432/test`) and `--nats-url` (env
-//! `PROCLAIM_BENCH_NATS_URL`, default `nats://127.0.0.1:4222`). Each scenario
-//! creates its own schema `bench_<scenario>_<unique>` and its own file-storage
-//! streams `BENCH_<SCENARIO>_<UNIQUE>_{RELAY,BARE}`, and removes them at the
-//! end, also after an error, a panic or Ctrl-C. Log output (`RUST_LOG`,
-//! default `warn`) goes to stderr.
+//! `postgres://postgres@127.0.0.1:5432/test`), `--mysql-url` (env
+//! `PROCLAIM_BENCH_MYSQL_URL`, default `mysql://root@127.0.0.1:3306`, for
+//! `--store mysql`), `--sqlite-dir` (env `PROCLAIM_BENCH_SQLITE_DIR`, default
+//! the system's temporary directory, for `--store sqlite`) and `--nats-url`
+//! (env `PROCLAIM_BENCH_NATS_URL`, default `nats://127.0.0.1:4222`). Each
+//! scenario creates its own schema `bench_<scenario>_<unique>` (PostgreSQL),
+//! database `bench_<scenario>_<unique>` (MariaDB / MySQL) or directory
+//! `proclaim_bench_<scenario>_<unique>` holding a fresh database file
+//! (SQLite), and its own file-storage streams
+//! `BENCH_<SCENARIO>_<UNIQUE>_{RELAY,BARE}`, and removes them at the end, also
+//! after an error, a panic or Ctrl-C. Log output (`RUST_LOG`, default `warn`)
+//! goes to stderr.
+
+mod db;
 
 mod drain;
 mod env;
@@ -46,16 +61,18 @@ mod leftovers;
 mod output;
 mod stats;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context as _, anyhow};
 use clap::{Args, Parser, Subcommand};
 
+use crate::db::StoreKind;
 use crate::env::Env;
 use crate::output::Output;
 
-/// Benchmarks of the proclaim relay (PostgreSQL → NATS JetStream).
+/// Benchmarks of the proclaim relay (PostgreSQL, SQLite or MariaDB → NATS JetStream).
 #[derive(Debug, Parser)]
 #[command(name = "proclaim-bench", version)]
 struct Cli {
@@ -76,6 +93,17 @@ pub(crate) struct Common {
         default_value = "postgres://postgres@127.0.0.1:5432/test"
     )]
     pub(crate) database_url: String,
+    /// MariaDB / MySQL server for `--store mysql` (each scenario creates a database of its own).
+    #[arg(
+        long,
+        global = true,
+        env = "PROCLAIM_BENCH_MYSQL_URL",
+        default_value = "mysql://root@127.0.0.1:3306"
+    )]
+    pub(crate) mysql_url: String,
+    /// Directory for `--store sqlite`'s database directories [default: the system's temporary directory].
+    #[arg(long, global = true, env = "PROCLAIM_BENCH_SQLITE_DIR")]
+    pub(crate) sqlite_dir: Option<PathBuf>,
     /// NATS server with JetStream enabled.
     #[arg(
         long,
@@ -89,13 +117,20 @@ pub(crate) struct Common {
     pub(crate) json: bool,
 }
 
+impl Common {
+    /// `--sqlite-dir`, or the system's temporary directory.
+    pub(crate) fn sqlite_dir(&self) -> PathBuf {
+        self.sqlite_dir.clone().unwrap_or_else(std::env::temp_dir)
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Throughput: time to drain a pre-written outbox, against bare baselines.
     Drain(drain::DrainArgs),
     /// Latency: commit → JetStream ack at a steady offered rate.
     Latency(latency::LatencyArgs),
-    /// Lists (or deletes) schemas and streams left behind by killed runs.
+    /// Lists (or deletes) schemas, databases, directories and streams left behind by killed runs.
     Leftovers(leftovers::LeftoversArgs),
 }
 
@@ -123,10 +158,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let out = Output::new(cli.common.json);
     match cli.command {
         Command::Drain(args) => {
-            with_env("drain", &cli.common, move |env| drain::run(env, args, out)).await
+            with_env("drain", &cli.common, args.store, move |env| {
+                drain::run(env, args, out)
+            })
+            .await
         }
         Command::Latency(args) => {
-            with_env("latency", &cli.common, move |env| {
+            with_env("latency", &cli.common, StoreKind::Postgres, move |env| {
                 latency::run(env, args, out)
             })
             .await
@@ -135,15 +173,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Creates the scenario's schema, runs the scenario on a task of its own, and
-/// removes the schema and streams afterwards, whether it succeeded, failed,
-/// panicked or was interrupted with Ctrl-C.
-async fn with_env<F, Fut>(scenario: &str, common: &Common, body: F) -> anyhow::Result<()>
+/// Creates the scenario's database on `store`, runs the scenario on a task of
+/// its own, and removes the database and streams afterwards, whether it
+/// succeeded, failed, panicked or was interrupted with Ctrl-C.
+async fn with_env<F, Fut>(
+    scenario: &str,
+    common: &Common,
+    store: StoreKind,
+    body: F,
+) -> anyhow::Result<()>
 where
     F: FnOnce(Arc<Env>) -> Fut,
     Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
 {
-    let env = Arc::new(Env::new(scenario, common).await?);
+    let env = Arc::new(Env::new(scenario, common, store).await?);
     let mut task = tokio::spawn(body(env.clone()));
     let result = tokio::select! {
         joined = &mut task => match joined {
