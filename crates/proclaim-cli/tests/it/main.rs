@@ -461,6 +461,35 @@ async fn emit_status_replay_on(url: &str) {
     let out = run(&mut cmd, &["replay", "--all"]).await;
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "replayed 0");
+
+    // And the relay delivers them, in order, from this store too.
+    let stream = TestStream::new().await;
+    let mut relay = proclaim()
+        .env("PROCLAIM_DATABASE_URL", url)
+        .env("PROCLAIM_NATS_URL", nats_url())
+        .env("PROCLAIM_STREAM", &stream.name)
+        .env("PROCLAIM_SUBJECT_PREFIX", &stream.prefix)
+        .args(["relay", "--poll-interval", "100ms"])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    stream.wait_for_count(3, WAIT).await;
+    sigterm(&relay);
+    assert!(wait_for_exit(&mut relay).await.success());
+    let delivered: Vec<u64> = stream
+        .messages()
+        .await
+        .iter()
+        .map(|m| {
+            decode_message(m)
+                .unwrap()
+                .data_as::<serde_json::Value>()
+                .unwrap()["n"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(delivered, vec![0, 1, 2]);
 }
 
 #[tokio::test]
