@@ -187,6 +187,12 @@ impl PgOutbox {
     /// Writes `event` in the caller's transaction. It is published only if
     /// the transaction commits, and never if it rolls back.
     ///
+    /// Do not commit after one of your own statements in the transaction
+    /// failed: PostgreSQL has then aborted the transaction, turns `COMMIT`
+    /// into a rollback, and sqlx still reports success — neither your change
+    /// nor the event is stored. Propagate the error and let the transaction
+    /// drop (roll back) instead.
+    ///
     /// Per-subject order: the call takes a transaction-scoped advisory lock
     /// on the event's subject, so concurrent transactions writing the same
     /// subject are serialized and their events are sequenced in commit order.
