@@ -67,3 +67,20 @@ impl ClaimedBatch {
         self.len() == 0
     }
 }
+
+/// Collects decoded rows into a batch in sequence order (stores' claim
+/// statements may return rows in any order).
+impl FromIterator<Result<OutboxRecord, MalformedRecord>> for ClaimedBatch {
+    fn from_iter<I: IntoIterator<Item = Result<OutboxRecord, MalformedRecord>>>(rows: I) -> Self {
+        let mut batch = ClaimedBatch::default();
+        for row in rows {
+            match row {
+                Ok(record) => batch.records.push(record),
+                Err(bad) => batch.malformed.push(bad),
+            }
+        }
+        batch.records.sort_by_key(|r| r.sequence);
+        batch.malformed.sort_by_key(|m| m.sequence);
+        batch
+    }
+}

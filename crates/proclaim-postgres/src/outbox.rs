@@ -424,14 +424,12 @@ impl OutboxStore for PgOutbox {
             .await
             .map_err(classify)?;
         tx.commit().await.map_err(classify)?;
-        let mut batch = ClaimedBatch::default();
-        for row in &rows {
-            match decode_row(row) {
-                Ok(record) => batch.records.push(record),
-                Err((sequence, error)) => batch.malformed.push(MalformedRecord { sequence, error }),
-            }
-        }
-        batch.records.sort_by_key(|r| r.sequence);
+        let batch = rows
+            .iter()
+            .map(|row| {
+                decode_row(row).map_err(|(sequence, error)| MalformedRecord { sequence, error })
+            })
+            .collect();
         Ok(batch)
     }
 

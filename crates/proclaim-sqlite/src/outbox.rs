@@ -559,19 +559,12 @@ impl OutboxStore for SqliteOutbox {
             .await
             .map_err(classify)?;
         tx.commit().await.map_err(classify)?;
-        let mut batch = ClaimedBatch::default();
-        for row in &rows {
-            match decode_row(row) {
-                Ok(record) => batch.records.push(record),
-                Err((sequence, error)) => {
-                    tracing::warn!(sequence, %error, "claimed a malformed outbox row");
-                    batch.malformed.push(MalformedRecord { sequence, error });
-                }
-            }
-        }
-        // RETURNING gives rows in no particular order.
-        batch.records.sort_by_key(|r| r.sequence);
-        batch.malformed.sort_by_key(|m| m.sequence);
+        let batch = rows
+            .iter()
+            .map(|row| {
+                decode_row(row).map_err(|(sequence, error)| MalformedRecord { sequence, error })
+            })
+            .collect();
         Ok(batch)
     }
 
