@@ -56,6 +56,48 @@ pub(crate) enum Command {
     Replay(ReplayArgs),
     /// The CampaignFinance scenario on the embedded default (SQLite + in-process bus): no services needed.
     Demo(DemoArgs),
+    /// Prove the guarantees under faults: writers, 3 relay processes, injected faults, then a history check; prints one JSON line, exits 1 on any loss, phantom or order violation.
+    Chaos(ChaosArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ChaosArgs {
+    /// How long writers write while faults are injected, e.g. 60s or 10m.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub(crate) duration: Duration,
+    /// NATS server URL (JetStream) [default: nats://127.0.0.1:4222].
+    #[arg(long, env = "PROCLAIM_NATS_URL")]
+    pub(crate) nats_url: Option<String>,
+    /// Relay processes.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=32))]
+    pub(crate) relays: u16,
+    /// Concurrent writers; each owns a share of the keys.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub(crate) writers: u16,
+    /// Ordering keys (subjects) written to.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) keys: u32,
+    /// Transactions per second over all writers (1–3 events each).
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) rate: u32,
+    /// Share of transactions rolled back, in [0, 1).
+    #[arg(long, default_value_t = 0.1)]
+    pub(crate) abort_ratio: f64,
+    /// Faults to inject, comma-separated, in order [default: all kinds].
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) faults: Vec<proclaim_chaos::faults::FaultKind>,
+    /// How long each fault lasts (a pause lasts 1.5 leases).
+    #[arg(long, default_value = "2500ms", value_parser = humantime::parse_duration)]
+    pub(crate) fault_hold: Duration,
+    /// The relays' lease.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub(crate) lease: Duration,
+    /// Seed for the writers and the choice of victims [default: random].
+    #[arg(long)]
+    pub(crate) seed: Option<u64>,
+    /// Keep the schema, the stream and the relay logs afterwards.
+    #[arg(long)]
+    pub(crate) keep: bool,
 }
 
 #[derive(Debug, Args)]

@@ -1,4 +1,5 @@
-//! The `proclaim` command: `migrate`, `relay`, `emit`, `status`, `replay`.
+//! The `proclaim` command: `migrate`, `relay`, `emit`, `status`, `replay`,
+//! `demo`, `chaos`.
 //!
 //! Exit codes: 0 success; 1 a runtime failure (database or broker
 //! unreachable, missing table, …); 2 bad input (flags, config file, JSON).
@@ -42,6 +43,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         settings::store_settings(&cli.global, &file).map_err(|e| InputError(format!("{e:#}")))?;
     match cli.command {
         Command::Demo(_) => Ok(()),
+        Command::Chaos(args) => commands::chaos::run(&store, args).await,
         Command::Migrate => commands::migrate::run(&store).await,
         Command::Relay(args) => commands::relay::run(&store, args, file).await,
         Command::Emit(args) => commands::emit::run(&store, args).await,
@@ -54,6 +56,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
         Command::Relay(_) | Command::Migrate => "info",
+        Command::Chaos(_) => "warn,proclaim_chaos=info",
         _ => "warn",
     };
     init_logging(cli.global.log_format, default_level);

@@ -10,10 +10,10 @@ pub mod conformance;
 pub mod mysql;
 pub mod nats;
 pub mod pg;
-pub mod proxy;
 pub mod publisher;
 mod wait;
 
+pub use proclaim_chaos::proxy;
 pub use wait::{eventually, eventually_value};
 
 /// Turns on `tracing` output for a test (once per process), filtered by

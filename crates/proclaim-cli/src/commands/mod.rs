@@ -1,5 +1,6 @@
 //! One file per `proclaim` subcommand.
 
+pub(crate) mod chaos;
 pub(crate) mod demo;
 pub(crate) mod emit;
 pub(crate) mod migrate;

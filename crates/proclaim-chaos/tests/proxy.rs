@@ -5,8 +5,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use proclaim_chaos::proxy::{FaultMode, FaultProxy};
 use proclaim_testkit::eventually;
-use proclaim_testkit::proxy::{FaultMode, FaultProxy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, timeout};
@@ -112,25 +112,71 @@ async fn refuse_kills_live_connections_and_closes_new_ones() {
 }
 
 #[tokio::test]
-async fn blackhole_stalls_until_pass() {
+async fn blackhole_holds_bytes_until_pass() {
     let proxy = start().await;
     let mut live = connect(&proxy).await;
     assert_echo(&mut live, b"before").await;
 
     proxy.set_mode(FaultMode::Blackhole);
-    live.write_all(b"lost").await.unwrap();
+    live.write_all(b"held").await.unwrap();
     assert_silent(&mut live).await;
     let mut fresh = connect(&proxy).await;
-    fresh.write_all(b"lost too").await.unwrap();
+    fresh.write_all(b"held too").await.unwrap();
     assert_silent(&mut fresh).await;
     wait_active(&proxy, 2).await; // held open, not closed
 
+    // Like a healed partition: what was held arrives, and the connections
+    // keep working.
     proxy.set_mode(FaultMode::Pass);
-    assert_echo(&mut connect(&proxy).await, b"new").await;
-    // The blackholed bytes are gone, but the connections still work.
+    let mut buf = [0u8; 8];
+    timeout(DEADLINE, fresh.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"held too");
+    let mut buf = [0u8; 4];
+    timeout(DEADLINE, live.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"held");
     assert_echo(&mut live, b"live").await;
-    assert_echo(&mut fresh, b"fresh").await;
+    assert_echo(&mut connect(&proxy).await, b"new").await;
     assert_eq!(proxy.faults_injected(), 1);
+}
+
+#[tokio::test]
+async fn drop_all_closes_live_connections_cleanly() {
+    let proxy = start().await;
+    let mut live = connect(&proxy).await;
+    assert_echo(&mut live, b"before").await;
+    wait_active(&proxy, 1).await;
+
+    proxy.drop_all();
+    // A clean close: EOF, not a reset.
+    let mut buf = [0; 16];
+    let read = timeout(DEADLINE, live.read(&mut buf)).await.unwrap();
+    assert!(matches!(read, Ok(0)), "expected EOF, got {read:?}");
+    wait_active(&proxy, 0).await;
+    assert_eq!(proxy.mode(), FaultMode::Pass);
+    assert_eq!(proxy.faults_injected(), 1);
+    assert_echo(&mut connect(&proxy).await, b"after").await;
+}
+
+#[tokio::test]
+async fn reset_all_is_a_reset_not_an_eof() {
+    let proxy = start().await;
+    let mut live = connect(&proxy).await;
+    assert_echo(&mut live, b"before").await;
+    wait_active(&proxy, 1).await;
+
+    proxy.reset_all();
+    let mut buf = [0; 16];
+    let read = timeout(DEADLINE, live.read(&mut buf)).await.unwrap();
+    assert!(
+        matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "expected a reset, got {read:?}"
+    );
 }
 
 #[tokio::test]

@@ -1,14 +1,17 @@
-//! A fault-injecting TCP proxy. Tests put it between the code under test and
-//! PostgreSQL or NATS, then switch its [`FaultMode`] to simulate outages:
+//! A fault-injecting TCP proxy. Tests and `proclaim chaos` put it between a
+//! relay and PostgreSQL or NATS, then switch its [`FaultMode`] or cut its
+//! connections to simulate outages:
 //!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
-//! use proclaim_testkit::proxy::{FaultMode, FaultProxy};
+//! use proclaim_chaos::proxy::{FaultMode, FaultProxy};
 //! let proxy = FaultProxy::start("127.0.0.1:5432").await?;
 //! let url = format!("postgres://postgres@127.0.0.1:{}/test", proxy.port());
 //! // ... connect the code under test to `url` ...
 //! proxy.set_mode(FaultMode::Blackhole); // the database "hangs"
-//! proxy.set_mode(FaultMode::Pass); // and comes back
+//! proxy.set_mode(FaultMode::Pass); // and comes back; held bytes flow again
+//! proxy.reset_all(); // every live connection gets a TCP reset
+//! proxy.drop_all(); // every live connection is closed cleanly (EOF)
 //! # let _ = url;
 //! # Ok(())
 //! # }
@@ -33,21 +36,24 @@ pub enum FaultMode {
     /// Forward bytes both ways.
     Pass,
     /// Reset every current connection at once, and close new ones right
-    /// after accepting them: clients see a reset or EOF.
+    /// after accepting them: clients see a reset or EOF (a server that is down).
     Refuse,
-    /// Keep connections open but forward nothing in either direction; the
-    /// bytes are dropped. Clients hang until their own timeouts fire.
+    /// Keep connections open but forward nothing in either direction, like a
+    /// network partition: bytes are held (TCP backpressure) and flow again
+    /// when the mode changes back. Clients hang until their own timeouts fire.
     Blackhole,
     /// Forward, but hold each chunk this long, in each direction.
     Delay(Duration),
 }
 
-/// The state every connection watches. `resets` counts `reset_all` calls; a
-/// connection dies once it differs from the value it started with.
+/// The state every connection watches. `resets` counts `reset_all` and
+/// `drop_all` calls; a connection dies once it differs from the value it
+/// started with, with a reset unless the last cut was a clean `drop_all`.
 #[derive(Clone, Copy, Debug)]
 struct Control {
     mode: FaultMode,
     resets: u64,
+    clean_close: bool,
 }
 
 /// A TCP proxy on `127.0.0.1:<ephemeral>` forwarding to one upstream address.
@@ -77,6 +83,7 @@ impl FaultProxy {
         let (control, rx) = watch::channel(Control {
             mode: FaultMode::Pass,
             resets: 0,
+            clean_close: false,
         });
         let active = Arc::new(AtomicUsize::new(0));
         tokio::spawn(accept_loop(listener, upstream.clone(), rx, active.clone()));
@@ -122,11 +129,27 @@ impl FaultProxy {
         tracing::debug!(proxy = %self.addr, ?mode, "fault proxy mode");
     }
 
-    /// Resets every current connection once; the mode is unchanged.
+    /// Resets every current connection once (the client sees `ECONNRESET`);
+    /// the mode is unchanged and new connections work.
     pub fn reset_all(&self) {
-        self.control.send_modify(|c| c.resets += 1);
-        self.faults.fetch_add(1, Ordering::Relaxed);
+        self.cut(false);
         tracing::debug!(proxy = %self.addr, "fault proxy reset all connections");
+    }
+
+    /// Closes every current connection cleanly once (the client reads EOF,
+    /// as when a server closes idle connections or restarts gracefully); the
+    /// mode is unchanged and new connections work.
+    pub fn drop_all(&self) {
+        self.cut(true);
+        tracing::debug!(proxy = %self.addr, "fault proxy dropped all connections");
+    }
+
+    fn cut(&self, clean_close: bool) {
+        self.control.send_modify(|c| {
+            c.resets += 1;
+            c.clean_close = clean_close;
+        });
+        self.faults.fetch_add(1, Ordering::Relaxed);
     }
 
     /// How many client connections are open through the proxy.
@@ -134,7 +157,7 @@ impl FaultProxy {
         self.active.load(Ordering::SeqCst)
     }
 
-    /// Faults injected so far: mode changes away from `Pass` plus resets.
+    /// Faults injected so far: mode changes away from `Pass`, resets and drops.
     pub fn faults_injected(&self) -> u64 {
         self.faults.load(Ordering::Relaxed)
     }
@@ -153,6 +176,21 @@ async fn killed(rx: &mut watch::Receiver<Control>, resets: u64) {
         if c.mode == FaultMode::Refuse || c.resets != resets || rx.changed().await.is_err() {
             return;
         }
+    }
+}
+
+/// Waits while the mode is `Blackhole`; returns the mode to apply next, or
+/// `None` when the connection must die meanwhile.
+async fn after_blackhole(rx: &mut watch::Receiver<Control>, resets: u64) -> Option<FaultMode> {
+    loop {
+        let c = *rx.borrow_and_update();
+        if c.mode == FaultMode::Refuse || c.resets != resets {
+            return None;
+        }
+        if c.mode != FaultMode::Blackhole {
+            return Some(c.mode);
+        }
+        rx.changed().await.ok()?;
     }
 }
 
@@ -207,10 +245,20 @@ async fn connection(
     let _ = server.set_nodelay(true);
     let (cr, cw) = client.split();
     let (sr, sw) = server.split();
-    let result = tokio::try_join!(pump(cr, sw, rx.clone(), resets), pump(sr, cw, rx, resets));
-    if result.is_err() {
+    let result = tokio::try_join!(
+        pump(cr, sw, rx.clone(), resets),
+        pump(sr, cw, rx.clone(), resets)
+    );
+    let clean = {
+        let c = *rx.borrow();
+        c.clean_close && c.resets != resets && c.mode != FaultMode::Refuse
+    };
+    if result.is_err() && !clean {
         // Killed (or an I/O error): make the client see a reset, not a clean EOF.
         let _ = client.set_zero_linger();
+        let _ = server.set_zero_linger();
+    } else if result.is_err() {
+        let _ = client.shutdown().await;
     }
 }
 
@@ -233,10 +281,13 @@ async fn pump(
             let _ = to.shutdown().await;
             return Ok(());
         }
-        let mode = rx.borrow().mode;
+        // Hold the chunk while the mode is Blackhole (a partition: nothing
+        // more is read, so TCP backpressure builds up), then apply the new mode.
+        let Some(mode) = after_blackhole(&mut rx, resets).await else {
+            return Err(aborted());
+        };
         match mode {
-            FaultMode::Pass => {}
-            FaultMode::Blackhole => continue,
+            FaultMode::Pass | FaultMode::Blackhole => {}
             FaultMode::Refuse => return Err(aborted()),
             FaultMode::Delay(d) => tokio::select! {
                 () = tokio::time::sleep(d) => {}
