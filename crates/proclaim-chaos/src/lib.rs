@@ -28,11 +28,13 @@
 //! # }
 //! ```
 
+mod consumer;
 pub mod faults;
 pub mod history;
 pub mod proxy;
 mod relays;
 pub mod scenario;
+mod writers;
 
 /// Why a chaos run could not be carried out (as opposed to a run that found
 /// a violation, which is a report with `passed: false`).

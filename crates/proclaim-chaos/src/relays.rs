@@ -10,7 +10,9 @@ use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
 use crate::ChaosError;
-use crate::proxy::FaultProxy;
+use crate::faults::{FaultKind, Link};
+use crate::proxy::{FaultMode, FaultProxy};
+use crate::scenario::{ChaosConfig, Resources};
 
 /// How to start one relay.
 #[derive(Debug, Clone)]
@@ -149,4 +151,151 @@ fn open_log(path: &Path) -> Result<std::fs::File, ChaosError> {
         .append(true)
         .open(path)
         .map_err(|e| ChaosError::Relay(format!("cannot open {}: {e}", path.display())))
+}
+
+/// Injects one fault into one relay and heals it after `hold`.
+pub(crate) async fn inject(
+    relay: &mut RelayProcess,
+    kind: FaultKind,
+    hold: Duration,
+) -> Result<(), ChaosError> {
+    let proxy = match kind.link() {
+        Some(Link::Db) => Some(&relay.db),
+        Some(Link::Broker) => Some(&relay.broker),
+        None => None,
+    };
+    match (kind, proxy) {
+        (FaultKind::RelayKill, _) => {
+            relay.kill().await;
+            tokio::time::sleep(hold).await;
+            relay.restarts += 1;
+            relay.start()?;
+        }
+        (FaultKind::RelayPause, _) => {
+            relay.set_paused(true);
+            tokio::time::sleep(hold).await;
+            relay.set_paused(false);
+        }
+        (FaultKind::DbDrop | FaultKind::BrokerDrop, Some(proxy)) => {
+            // Cut twice: the live connections, then the ones made since.
+            proxy.drop_all();
+            tokio::time::sleep(hold / 2).await;
+            proxy.drop_all();
+            tokio::time::sleep(hold / 2).await;
+        }
+        (FaultKind::DbReset | FaultKind::BrokerReset, Some(proxy)) => {
+            proxy.reset_all();
+            tokio::time::sleep(hold / 2).await;
+            proxy.reset_all();
+            tokio::time::sleep(hold / 2).await;
+        }
+        (_, Some(proxy)) => {
+            let mode = match kind {
+                FaultKind::DbDelay | FaultKind::BrokerDelay => {
+                    FaultMode::Delay(Duration::from_millis(200))
+                }
+                FaultKind::DbBlackhole | FaultKind::BrokerBlackhole => FaultMode::Blackhole,
+                _ => FaultMode::Refuse,
+            };
+            proxy.set_mode(mode);
+            tokio::time::sleep(hold).await;
+            proxy.set_mode(FaultMode::Pass);
+        }
+        (_, None) => {}
+    }
+    Ok(())
+}
+
+/// Starts the relay processes, each behind its own proxies.
+pub(crate) async fn start_relays(
+    config: &ChaosConfig,
+    res: &Resources,
+) -> Result<Vec<RelayProcess>, ChaosError> {
+    let db_url = url::Url::parse(&config.database_url)
+        .map_err(|e| ChaosError::Config(format!("database URL: {e}")))?;
+    let nats_url = url::Url::parse(&config.nats_url)
+        .map_err(|e| ChaosError::Config(format!("NATS URL: {e}")))?;
+    let toml = res.dir.join("relay.toml");
+    std::fs::write(&toml, relay_toml(config))
+        .map_err(|e| ChaosError::Relay(format!("cannot write {}: {e}", toml.display())))?;
+    let mut relays = Vec::with_capacity(config.relays);
+    for index in 0..config.relays {
+        let db = proxy_to(&db_url, 5432).await?;
+        let broker = proxy_to(&nats_url, 4222).await?;
+        let spec = RelaySpec {
+            program: config.relay_program.clone(),
+            args: vec![
+                "--config".into(),
+                toml.display().to_string(),
+                "--database-url".into(),
+                through(&db_url, &db)?,
+                "--schema".into(),
+                res.schema.clone(),
+                "relay".into(),
+                "--nats-url".into(),
+                through(&nats_url, &broker)?,
+                "--stream".into(),
+                res.stream.clone(),
+                "--subject-prefix".into(),
+                res.prefix.clone(),
+            ],
+            log: res.dir.join(format!("relay-{index}.log")),
+        };
+        let mut relay = RelayProcess::new(index, db, broker, spec);
+        relay.start()?;
+        relays.push(relay);
+    }
+    Ok(relays)
+}
+
+/// Relay settings for a run: a short lease and short backoffs so failover
+/// and recovery happen within seconds, and attempts that never run out (a
+/// well-formed event must never be dead-lettered by an injected fault).
+fn relay_toml(config: &ChaosConfig) -> String {
+    let lease = humantime::format_duration(config.lease);
+    format!(
+        r#"[relay]
+batch_size = 64
+lease = "{lease}"
+publish_timeout = "1s"
+poll_interval = "250ms"
+max_attempts = 1000000
+shutdown_timeout = "10s"
+stats_interval = "5s"
+
+[relay.backoff]
+initial = "50ms"
+max = "1s"
+
+[relay.outage_backoff]
+initial = "50ms"
+max = "1s"
+
+[nats]
+connect_timeout = "2s"
+"#
+    )
+}
+
+async fn proxy_to(url: &url::Url, default_port: u16) -> Result<FaultProxy, ChaosError> {
+    let host = url.host_str().filter(|h| !h.is_empty()).ok_or_else(|| {
+        ChaosError::Config(format!(
+            "{url} has no host (a socket path cannot be proxied)"
+        ))
+    })?;
+    let port = url.port().unwrap_or(default_port);
+    FaultProxy::start((host.trim_matches(['[', ']']), port))
+        .await
+        .map_err(|e| ChaosError::Relay(format!("cannot start a proxy to {host}:{port}: {e}")))
+}
+
+/// `url` with its host and port replaced by the proxy's.
+fn through(url: &url::Url, proxy: &FaultProxy) -> Result<String, ChaosError> {
+    let original = url;
+    let mut url = url.clone();
+    let bad = |_| ChaosError::Config(format!("cannot point {original} at a proxy"));
+    url.set_host(Some("127.0.0.1")).map_err(bad)?;
+    url.set_port(Some(proxy.port()))
+        .map_err(|()| ChaosError::Config("URL cannot have a port".into()))?;
+    Ok(url.to_string())
 }

@@ -5,22 +5,22 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, consumer::pull, stream};
-use futures::StreamExt;
-use proclaim_core::{Event, OutboxStore};
+use async_nats::jetstream::{self, stream};
+use proclaim_core::{DeadLetterEntry, OutboxStore};
 use proclaim_postgres::{PgOutbox, PgOutboxOptions};
 use serde::Serialize;
+use sqlx::AssertSqlSafe;
 use sqlx::postgres::{PgPool, PgPoolOptions};
-use sqlx::{AssertSqlSafe, Row};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::ChaosError;
-use crate::faults::{FaultKind, Link, Schedule};
-use crate::history::{History, Written};
-use crate::proxy::{FaultMode, FaultProxy};
-use crate::relays::{RelayProcess, RelaySpec};
+use crate::faults::{FaultKind, Schedule};
+use crate::history::History;
+use crate::proxy::FaultMode;
+use crate::relays::RelayProcess;
+use crate::writers::WriterLog;
 
 /// Everything a chaos run needs. [`ChaosConfig::new`] gives the defaults
 /// `proclaim chaos` uses.
@@ -58,6 +58,10 @@ pub struct ChaosConfig {
     pub lease: Duration,
     /// How long to wait after the writers stop for every event to arrive.
     pub drain_timeout: Duration,
+    /// Let JetStream drop re-published events by their id (default true).
+    /// Off, every re-publish after a fault reaches the consumer as a
+    /// duplicate, which shows how often faults make the relays publish again.
+    pub broker_dedup: bool,
     /// Seed of the writers' and the fault victims' randomness.
     pub seed: u64,
     /// Keep the schema, the stream and the relay logs afterwards.
@@ -83,6 +87,7 @@ impl ChaosConfig {
             fault_gap: Duration::from_millis(1000),
             lease: Duration::from_secs(3),
             drain_timeout: Duration::from_secs(120),
+            broker_dedup: true,
             seed: fastrand::u64(..),
             keep: false,
         }
@@ -160,11 +165,11 @@ pub struct ChaosReport {
 }
 
 /// What one run set up, torn down at the end.
-struct Resources {
-    schema: String,
-    stream: String,
-    prefix: String,
-    dir: PathBuf,
+pub(crate) struct Resources {
+    pub(crate) schema: String,
+    pub(crate) stream: String,
+    pub(crate) prefix: String,
+    pub(crate) dir: PathBuf,
 }
 
 /// Runs the scenario and checks the history.
@@ -218,58 +223,24 @@ async fn run_in(
     pool: &PgPool,
     js: &jetstream::Context,
 ) -> Result<ChaosReport, ChaosError> {
-    let db = |e: sqlx::Error| ChaosError::Database(e.to_string());
-    let outbox = PgOutbox::with_options(
-        pool.clone(),
-        PgOutboxOptions::default().with_schema(&res.schema),
-    )
-    .map_err(|e| ChaosError::Database(e.to_string()))?;
-    outbox
-        .migrate()
-        .await
-        .map_err(|e| ChaosError::Database(e.to_string()))?;
-    sqlx::query(AssertSqlSafe(format!(
-        r#"CREATE TABLE "{}".ledger (id UUID PRIMARY KEY, key TEXT NOT NULL, seq BIGINT NOT NULL)"#,
-        res.schema
-    )))
-    .execute(pool)
-    .await
-    .map_err(db)?;
-    js.create_stream(stream::Config {
-        name: res.stream.clone(),
-        subjects: vec![format!("{}.>", res.prefix)],
-        storage: stream::StorageType::File,
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| ChaosError::Broker(format!("cannot create stream {}: {e}", res.stream)))?;
-    std::fs::create_dir_all(&res.dir)
-        .map_err(|e| ChaosError::Relay(format!("cannot create {}: {e}", res.dir.display())))?;
-
+    let outbox = prepare(config, res, pool, js).await?;
     let received = Arc::new(Mutex::new(Vec::<Uuid>::new()));
     let stop_consumer = CancellationToken::new();
-    let consumer = tokio::spawn(consume(
+    let consumer = tokio::spawn(crate::consumer::consume(
         js.clone(),
         res.stream.clone(),
         received.clone(),
         stop_consumer.clone(),
     ));
-
-    let mut relays = start_relays(config, res).await?;
-    let rows_sql = format!(r#"SELECT count(*) FROM "{}".outbox"#, res.schema);
-    let count_rows = || async {
-        sqlx::query_scalar::<_, i64>(AssertSqlSafe(rows_sql.clone()))
-            .fetch_one(pool)
-            .await
-            .map(|n| n.max(0) as u64)
-    };
-    let outbox_rows_start = count_rows().await.map_err(db)?;
+    let mut relays = crate::relays::start_relays(config, res).await?;
+    let rows = RowCounter::new(pool, &res.schema);
+    let outbox_rows_start = rows.count().await?;
 
     // Writers and the row sampler run while faults are injected.
     let stop_writers = CancellationToken::new();
     let writers: Vec<JoinHandle<WriterLog>> = (0..config.writers)
         .map(|w| {
-            tokio::spawn(write(
+            tokio::spawn(crate::writers::write(
                 config.clone(),
                 w,
                 outbox.clone(),
@@ -278,38 +249,9 @@ async fn run_in(
             ))
         })
         .collect();
-    let max_rows = Arc::new(std::sync::atomic::AtomicU64::new(outbox_rows_start));
-    let sampler = tokio::spawn(sample_rows(
-        pool.clone(),
-        rows_sql.clone(),
-        max_rows.clone(),
-        stop_writers.clone(),
-    ));
-
+    let sampler = tokio::spawn(rows.clone().sample(outbox_rows_start, stop_writers.clone()));
     let started = Instant::now();
-    let mut rng = fastrand::Rng::with_seed(config.seed ^ 0x5eed);
-    let mut schedule = Schedule::new(config.faults.clone());
-    let mut faults_by_kind: BTreeMap<&'static str, u64> = BTreeMap::new();
-    let mut problems = Vec::new();
-    let mut unexpected_exits = 0;
-    while started.elapsed() < config.duration {
-        let Some(kind) = schedule.next_fault() else {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            continue;
-        };
-        let victim = rng.usize(..relays.len());
-        let hold = kind.hold(config.fault_hold, config.lease);
-        tracing::info!(fault = %kind, relay = victim, ?hold, "injecting");
-        inject(&mut relays[victim], kind, hold).await?;
-        *faults_by_kind.entry(kind.name()).or_default() += 1;
-        tokio::time::sleep(config.fault_gap).await;
-        for relay in &mut relays {
-            if let Some(exit) = relay.reap_unexpected_exit()? {
-                unexpected_exits += 1;
-                problems.push(format!("{exit}; log: {}", relay.log().display()));
-            }
-        }
-    }
+    let mut faults = inject_faults(config, &mut relays).await?;
     stop_writers.cancel();
     let duration_s = started.elapsed().as_secs_f64();
     let mut logs = WriterLog::default();
@@ -319,10 +261,10 @@ async fn run_in(
             .map_err(|e| ChaosError::Relay(format!("writer task failed: {e}")))?;
         logs.merge(log);
     }
-    let _ = sampler.await;
+    let outbox_rows_max = sampler.await.unwrap_or(outbox_rows_start);
 
-    // Heal: every link passes, every relay runs; wait for the outbox to drain
-    // and the consumer to have everything.
+    // Heal: every link passes, every relay runs; wait until everything
+    // committed has arrived, then stop the relays gracefully.
     for relay in &mut relays {
         relay.db.set_mode(FaultMode::Pass);
         relay.broker.set_mode(FaultMode::Pass);
@@ -330,91 +272,200 @@ async fn run_in(
         relay.start()?;
     }
     let drain_started = Instant::now();
-    let ledger_sql = format!(r#"SELECT count(*) FROM "{}".ledger"#, res.schema);
-    let committed_count: i64 = sqlx::query_scalar(AssertSqlSafe(ledger_sql))
-        .fetch_one(pool)
-        .await
-        .map_err(db)?;
-    let mut drained = false;
-    while drain_started.elapsed() < config.drain_timeout {
-        let stats = outbox
-            .stats()
-            .await
-            .map_err(|e| ChaosError::Database(e.to_string()))?;
-        let have = lock(&received).iter().collect::<HashSet<_>>().len();
-        if stats.pending + stats.in_flight == 0 && have as i64 >= committed_count {
-            drained = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    let drained = drain(config, res, &outbox, &received).await?;
     let drain_s = drain_started.elapsed().as_secs_f64();
     if !drained {
-        problems.push(format!("not drained within {:?}", config.drain_timeout));
+        faults
+            .problems
+            .push(format!("not drained within {:?}", config.drain_timeout));
     }
     let mut unclean_stops = 0;
     for relay in &mut relays {
         if !relay.stop(Duration::from_secs(20)).await {
             unclean_stops += 1;
-            problems.push(format!(
+            faults.problems.push(format!(
                 "relay {} did not exit 0 on SIGTERM; log: {}",
                 relay.index,
                 relay.log().display()
             ));
         }
     }
-    // Anything still in flight to the consumer arrives now.
+    // Anything still on its way to the consumer arrives now.
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop_consumer.cancel();
     if let Ok(Err(e)) = consumer.await {
-        problems.push(format!("consumer: {e}"));
+        faults.problems.push(format!("consumer: {e}"));
     }
 
     // The truth and the check.
-    let committed = read_ledger(pool, &res.schema).await.map_err(db)?;
     let history = History {
-        committed,
-        aborted: logs.aborted,
+        committed: crate::writers::read_ledger(pool, &res.schema)
+            .await
+            .map_err(|e| ChaosError::Database(e.to_string()))?,
+        aborted: std::mem::take(&mut logs.aborted),
         received: std::mem::take(&mut *lock(&received)),
     };
-    let verdict = history.check();
     let dead = outbox
         .dead_letters(u32::MAX)
         .await
         .map_err(|e| ChaosError::Database(e.to_string()))?;
+    let mut report = judge(config, &history, &logs, &dead, faults);
+    report.relay_restarts = relays.iter().map(|r| r.restarts).sum();
+    report.relay_unclean_stops = unclean_stops;
+    report.outbox_rows_start = outbox_rows_start;
+    report.outbox_rows_max = outbox_rows_max;
+    report.outbox_rows_end = rows.count().await?;
+    report.duration_s = round2(duration_s);
+    report.drain_s = round2(drain_s);
+    report.passed = report.passed && drained && unclean_stops == 0;
+    Ok(report)
+}
+
+/// The run's outbox table, its business table and its stream.
+async fn prepare(
+    config: &ChaosConfig,
+    res: &Resources,
+    pool: &PgPool,
+    js: &jetstream::Context,
+) -> Result<PgOutbox, ChaosError> {
+    let db = |e: &dyn std::fmt::Display| ChaosError::Database(e.to_string());
+    let outbox = PgOutbox::with_options(
+        pool.clone(),
+        PgOutboxOptions::default().with_schema(&res.schema),
+    )
+    .map_err(|e| db(&e))?;
+    outbox.migrate().await.map_err(|e| db(&e))?;
+    sqlx::query(AssertSqlSafe(format!(
+        r#"CREATE TABLE "{}".ledger (id UUID PRIMARY KEY, key TEXT NOT NULL, seq BIGINT NOT NULL)"#,
+        res.schema
+    )))
+    .execute(pool)
+    .await
+    .map_err(|e| db(&e))?;
+    js.create_stream(stream::Config {
+        name: res.stream.clone(),
+        subjects: vec![format!("{}.>", res.prefix)],
+        storage: stream::StorageType::File,
+        duplicate_window: if config.broker_dedup {
+            Duration::from_secs(120)
+        } else {
+            Duration::from_millis(100)
+        },
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| ChaosError::Broker(format!("cannot create stream {}: {e}", res.stream)))?;
+    std::fs::create_dir_all(&res.dir)
+        .map_err(|e| ChaosError::Relay(format!("cannot create {}: {e}", res.dir.display())))?;
+    Ok(outbox)
+}
+
+/// What the fault phase did.
+#[derive(Debug, Default)]
+struct FaultLog {
+    by_kind: BTreeMap<&'static str, u64>,
+    unexpected_exits: u64,
+    problems: Vec<String>,
+}
+
+/// Injects faults one after another, each into a random relay, until the
+/// run's duration is over.
+async fn inject_faults(
+    config: &ChaosConfig,
+    relays: &mut [RelayProcess],
+) -> Result<FaultLog, ChaosError> {
+    let started = Instant::now();
+    let mut rng = fastrand::Rng::with_seed(config.seed ^ 0x5eed);
+    let mut schedule = Schedule::new(config.faults.clone());
+    let mut log = FaultLog::default();
+    while started.elapsed() < config.duration {
+        let Some(kind) = schedule.next_fault() else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let victim = rng.usize(..relays.len());
+        let hold = kind.hold(config.fault_hold, config.lease);
+        tracing::info!(fault = %kind, relay = victim, ?hold, "injecting");
+        crate::relays::inject(&mut relays[victim], kind, hold).await?;
+        *log.by_kind.entry(kind.name()).or_default() += 1;
+        tokio::time::sleep(config.fault_gap).await;
+        for relay in relays.iter_mut() {
+            if let Some(exit) = relay.reap_unexpected_exit()? {
+                log.unexpected_exits += 1;
+                log.problems
+                    .push(format!("{exit}; log: {}", relay.log().display()));
+            }
+        }
+    }
+    Ok(log)
+}
+
+/// Waits until the outbox has nothing left to deliver and the consumer has
+/// as many distinct events as were committed; `false` on timeout.
+async fn drain(
+    config: &ChaosConfig,
+    res: &Resources,
+    outbox: &PgOutbox,
+    received: &Mutex<Vec<Uuid>>,
+) -> Result<bool, ChaosError> {
+    let db = |e: &dyn std::fmt::Display| ChaosError::Database(e.to_string());
+    let committed: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+        r#"SELECT count(*) FROM "{}".ledger"#,
+        res.schema
+    )))
+    .fetch_one(outbox.pool())
+    .await
+    .map_err(|e| db(&e))?;
+    let started = Instant::now();
+    while started.elapsed() < config.drain_timeout {
+        let stats = outbox.stats().await.map_err(|e| db(&e))?;
+        let have = lock(received).iter().collect::<HashSet<_>>().len();
+        if stats.pending + stats.in_flight == 0 && have as i64 >= committed {
+            return Ok(true);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Ok(false)
+}
+
+/// The report: the checker's verdict, the dead letters, the faults.
+fn judge(
+    config: &ChaosConfig,
+    history: &History,
+    logs: &WriterLog,
+    dead: &[DeadLetterEntry],
+    faults: FaultLog,
+) -> ChaosReport {
+    let verdict = history.check();
+    let mut problems = faults.problems;
     let poison: HashSet<Uuid> = logs.poison.iter().copied().collect();
     let poison_dead: Vec<_> = dead.iter().filter(|d| poison.contains(&d.id)).collect();
     if let Some(first) = poison_dead.first() {
-        tracing::info!(error = %first.last_error, "a poison event's dead-letter reason");
+        tracing::info!(error = %first.last_error, "a malformed row's dead-letter reason");
     }
+    let poison_injected = logs.poison.len() as u64;
     let poison_dead_lettered = poison_dead.len() as u64;
     let other_dead_lettered = dead.len() as u64 - poison_dead_lettered;
-    let outbox_rows_end = count_rows().await.map_err(db)?;
-
-    let relay_restarts = relays.iter().map(|r| r.restarts).sum();
-    let faults_injected = faults_by_kind.values().sum();
     let missing: Vec<_> = config
         .faults
         .iter()
-        .filter(|k| !faults_by_kind.contains_key(k.name()))
+        .filter(|k| !faults.by_kind.contains_key(k.name()))
         .map(|k| k.name())
         .collect();
     if !missing.is_empty() {
+        let round = Schedule::new(config.faults.clone()).round(
+            config.fault_hold,
+            config.lease,
+            config.fault_gap,
+        );
         problems.push(format!(
-            "fault kinds not injected (run longer than {:?}): {}",
-            Schedule::new(config.faults.clone()).round(
-                config.fault_hold,
-                config.lease,
-                config.fault_gap
-            ),
+            "fault kinds not injected (a round takes {round:?}): {}",
             missing.join(", ")
         ));
     }
-    if poison_dead_lettered != logs.poison.len() as u64 {
+    if poison_dead_lettered != poison_injected {
         problems.push(format!(
-            "{} of {} malformed rows dead-lettered",
-            poison_dead_lettered,
-            logs.poison.len()
+            "{poison_dead_lettered} of {poison_injected} malformed rows dead-lettered"
         ));
     }
     if other_dead_lettered > 0 {
@@ -430,13 +481,12 @@ async fn run_in(
     }
     problems.extend(verdict.examples.iter().cloned());
     let passed = verdict.passed()
-        && drained
         && missing.is_empty()
-        && poison_dead_lettered == logs.poison.len() as u64
+        && poison_dead_lettered == poison_injected
         && other_dead_lettered == 0
-        && unexpected_exits == 0
-        && unclean_stops == 0;
-    Ok(ChaosReport {
+        && faults.unexpected_exits == 0
+        && logs.errors == 0;
+    ChaosReport {
         committed: verdict.committed,
         aborted: verdict.aborted,
         delivered_unique: verdict.delivered_unique,
@@ -444,371 +494,73 @@ async fn run_in(
         phantom: verdict.phantom,
         order_violations: verdict.order_violations,
         duplicates: verdict.duplicates,
-        faults_injected,
-        faults_by_kind,
-        poison_injected: logs.poison.len() as u64,
+        faults_injected: faults.by_kind.values().sum(),
+        faults_by_kind: faults.by_kind,
+        poison_injected,
         poison_dead_lettered,
         other_dead_lettered,
-        relay_restarts,
-        relay_unexpected_exits: unexpected_exits,
-        relay_unclean_stops: unclean_stops,
-        outbox_rows_start,
-        outbox_rows_max: max_rows.load(std::sync::atomic::Ordering::Relaxed),
-        outbox_rows_end,
-        duration_s: round2(duration_s),
-        drain_s: round2(drain_s),
+        relay_restarts: 0,
+        relay_unexpected_exits: faults.unexpected_exits,
+        relay_unclean_stops: 0,
+        outbox_rows_start: 0,
+        outbox_rows_max: 0,
+        outbox_rows_end: 0,
+        duration_s: 0.0,
+        drain_s: 0.0,
         seed: config.seed,
         passed,
         problems,
-    })
+    }
+}
+
+/// Counts the rows of the run's outbox table.
+#[derive(Clone)]
+struct RowCounter {
+    pool: PgPool,
+    sql: String,
+}
+
+impl RowCounter {
+    fn new(pool: &PgPool, schema: &str) -> Self {
+        RowCounter {
+            pool: pool.clone(),
+            sql: format!(r#"SELECT count(*) FROM "{schema}".outbox"#),
+        }
+    }
+
+    async fn count(&self) -> Result<u64, ChaosError> {
+        sqlx::query_scalar::<_, i64>(AssertSqlSafe(self.sql.clone()))
+            .fetch_one(&self.pool)
+            .await
+            .map(|n| n.max(0) as u64)
+            .map_err(|e| ChaosError::Database(e.to_string()))
+    }
+
+    /// Counts every second until `stop`, logging every tenth count; returns
+    /// the largest.
+    async fn sample(self, start: u64, stop: CancellationToken) -> u64 {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut max = start;
+        for n in 0u64.. {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = stop.cancelled() => break,
+            }
+            if let Ok(rows) = self.count().await {
+                max = max.max(rows);
+                if n.is_multiple_of(10) {
+                    tracing::info!(outbox_rows = rows, "outbox size");
+                }
+            }
+        }
+        max
+    }
 }
 
 fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// Injects one fault into one relay and heals it after `hold`.
-async fn inject(
-    relay: &mut RelayProcess,
-    kind: FaultKind,
-    hold: Duration,
-) -> Result<(), ChaosError> {
-    let proxy = match kind.link() {
-        Some(Link::Db) => Some(&relay.db),
-        Some(Link::Broker) => Some(&relay.broker),
-        None => None,
-    };
-    match (kind, proxy) {
-        (FaultKind::RelayKill, _) => {
-            relay.kill().await;
-            tokio::time::sleep(hold).await;
-            relay.restarts += 1;
-            relay.start()?;
-        }
-        (FaultKind::RelayPause, _) => {
-            relay.set_paused(true);
-            tokio::time::sleep(hold).await;
-            relay.set_paused(false);
-        }
-        (FaultKind::DbDrop | FaultKind::BrokerDrop, Some(proxy)) => {
-            // Cut twice: the live connections, then the ones made since.
-            proxy.drop_all();
-            tokio::time::sleep(hold / 2).await;
-            proxy.drop_all();
-            tokio::time::sleep(hold / 2).await;
-        }
-        (FaultKind::DbReset | FaultKind::BrokerReset, Some(proxy)) => {
-            proxy.reset_all();
-            tokio::time::sleep(hold / 2).await;
-            proxy.reset_all();
-            tokio::time::sleep(hold / 2).await;
-        }
-        (_, Some(proxy)) => {
-            let mode = match kind {
-                FaultKind::DbDelay | FaultKind::BrokerDelay => {
-                    FaultMode::Delay(Duration::from_millis(200))
-                }
-                FaultKind::DbBlackhole | FaultKind::BrokerBlackhole => FaultMode::Blackhole,
-                _ => FaultMode::Refuse,
-            };
-            proxy.set_mode(mode);
-            tokio::time::sleep(hold).await;
-            proxy.set_mode(FaultMode::Pass);
-        }
-        (_, None) => {}
-    }
-    Ok(())
-}
-
-/// Starts the relay processes, each behind its own proxies.
-async fn start_relays(
-    config: &ChaosConfig,
-    res: &Resources,
-) -> Result<Vec<RelayProcess>, ChaosError> {
-    let db_url = url::Url::parse(&config.database_url)
-        .map_err(|e| ChaosError::Config(format!("database URL: {e}")))?;
-    let nats_url = url::Url::parse(&config.nats_url)
-        .map_err(|e| ChaosError::Config(format!("NATS URL: {e}")))?;
-    let toml = res.dir.join("relay.toml");
-    std::fs::write(&toml, relay_toml(config))
-        .map_err(|e| ChaosError::Relay(format!("cannot write {}: {e}", toml.display())))?;
-    let mut relays = Vec::with_capacity(config.relays);
-    for index in 0..config.relays {
-        let db = proxy_to(&db_url, 5432).await?;
-        let broker = proxy_to(&nats_url, 4222).await?;
-        let spec = RelaySpec {
-            program: config.relay_program.clone(),
-            args: vec![
-                "--config".into(),
-                toml.display().to_string(),
-                "--database-url".into(),
-                through(&db_url, &db)?,
-                "--schema".into(),
-                res.schema.clone(),
-                "relay".into(),
-                "--nats-url".into(),
-                through(&nats_url, &broker)?,
-                "--stream".into(),
-                res.stream.clone(),
-                "--subject-prefix".into(),
-                res.prefix.clone(),
-            ],
-            log: res.dir.join(format!("relay-{index}.log")),
-        };
-        let mut relay = RelayProcess::new(index, db, broker, spec);
-        relay.start()?;
-        relays.push(relay);
-    }
-    Ok(relays)
-}
-
-/// Relay settings for a run: a short lease and short backoffs so failover
-/// and recovery happen within seconds, and attempts that never run out (a
-/// well-formed event must never be dead-lettered by an injected fault).
-fn relay_toml(config: &ChaosConfig) -> String {
-    let lease = humantime::format_duration(config.lease);
-    format!(
-        r#"[relay]
-batch_size = 64
-lease = "{lease}"
-publish_timeout = "1s"
-poll_interval = "250ms"
-max_attempts = 1000000
-shutdown_timeout = "10s"
-stats_interval = "5s"
-
-[relay.backoff]
-initial = "50ms"
-max = "1s"
-
-[relay.outage_backoff]
-initial = "50ms"
-max = "1s"
-
-[nats]
-connect_timeout = "2s"
-"#
-    )
-}
-
-async fn proxy_to(url: &url::Url, default_port: u16) -> Result<FaultProxy, ChaosError> {
-    let host = url.host_str().filter(|h| !h.is_empty()).ok_or_else(|| {
-        ChaosError::Config(format!(
-            "{url} has no host (a socket path cannot be proxied)"
-        ))
-    })?;
-    let port = url.port().unwrap_or(default_port);
-    FaultProxy::start((host.trim_matches(['[', ']']), port))
-        .await
-        .map_err(|e| ChaosError::Relay(format!("cannot start a proxy to {host}:{port}: {e}")))
-}
-
-/// `url` with its host and port replaced by the proxy's.
-fn through(url: &url::Url, proxy: &FaultProxy) -> Result<String, ChaosError> {
-    let original = url;
-    let mut url = url.clone();
-    let bad = |_| ChaosError::Config(format!("cannot point {original} at a proxy"));
-    url.set_host(Some("127.0.0.1")).map_err(bad)?;
-    url.set_port(Some(proxy.port()))
-        .map_err(|()| ChaosError::Config("URL cannot have a port".into()))?;
-    Ok(url.to_string())
-}
-
-/// What a writer did besides committing.
-#[derive(Debug, Default)]
-struct WriterLog {
-    aborted: Vec<Written>,
-    poison: Vec<Uuid>,
-    errors: u64,
-}
-
-impl WriterLog {
-    fn merge(&mut self, other: WriterLog) {
-        self.aborted.extend(other.aborted);
-        self.poison.extend(other.poison);
-        self.errors += other.errors;
-    }
-}
-
-/// One writer: owns keys `w, w + writers, …`, so within a key its sequence
-/// numbers follow commit order.
-async fn write(
-    config: ChaosConfig,
-    w: usize,
-    outbox: PgOutbox,
-    schema: String,
-    stop: CancellationToken,
-) -> WriterLog {
-    let mut log = WriterLog::default();
-    let mut rng = fastrand::Rng::with_seed(config.seed.wrapping_add(w as u64));
-    let keys: Vec<String> = (w..config.keys)
-        .step_by(config.writers)
-        .map(|k| format!("k{k:04}"))
-        .collect();
-    let mut next_seq = vec![1u64; keys.len()];
-    let period = Duration::from_secs_f64(config.writers as f64 / f64::from(config.rate));
-    let mut tick = tokio::time::interval(period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut next_poison = config.poison_every.map(|p| Instant::now() + p);
-    let ledger = format!(r#"INSERT INTO "{schema}".ledger (id, key, seq) VALUES ($1, $2, $3)"#);
-    let poison_sql = format!(
-        r#"INSERT INTO "{schema}".outbox (id, event_type, source, subject, event_time, datacontenttype, data, metadata)
-           VALUES ($1, 'ChaosStep', 'proclaim-chaos', $2, now(), 'application/json', '{{}}', '{{"Not A Valid Name!": "x"}}')"#
-    );
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = stop.cancelled() => return log,
-        }
-        let k = rng.usize(..keys.len());
-        let key = &keys[k];
-        if w == 0 && next_poison.is_some_and(|t| Instant::now() >= t) {
-            next_poison = config.poison_every.map(|p| Instant::now() + p);
-            let id = Uuid::now_v7();
-            match sqlx::query(AssertSqlSafe(poison_sql.clone()))
-                .bind(id)
-                .bind(key)
-                .execute(outbox.pool())
-                .await
-            {
-                Ok(_) => log.poison.push(id),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot write a poison row");
-                    log.errors += 1;
-                }
-            }
-        }
-        let n = rng.u64(1..=3);
-        let events: Vec<Written> = (0..n)
-            .map(|i| Written::new(Uuid::now_v7(), key.clone(), next_seq[k] + i))
-            .collect();
-        next_seq[k] += n;
-        let abort = rng.f64() < config.abort_ratio;
-        match transaction(&outbox, &ledger, &events, abort).await {
-            Ok(()) if abort => log.aborted.extend(events),
-            Ok(()) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, "writer transaction failed");
-                log.errors += 1;
-            }
-        }
-    }
-}
-
-/// The business write and its events in one transaction.
-async fn transaction(
-    outbox: &PgOutbox,
-    ledger: &str,
-    events: &[Written],
-    abort: bool,
-) -> Result<(), ChaosError> {
-    let err = |e: &dyn std::fmt::Display| ChaosError::Database(e.to_string());
-    let mut tx = outbox.pool().begin().await.map_err(|e| err(&e))?;
-    for w in events {
-        sqlx::query(AssertSqlSafe(ledger.to_owned()))
-            .bind(w.id)
-            .bind(&w.key)
-            .bind(i64::try_from(w.seq).unwrap_or(i64::MAX))
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| err(&e))?;
-        let event = Event::builder("ChaosStep")
-            .id(w.id)
-            .source("proclaim-chaos")
-            .subject(&w.key)
-            .data(&serde_json::json!({ "key": w.key, "seq": w.seq }))
-            .build()
-            .map_err(|e| err(&e))?;
-        outbox.enqueue(&mut tx, &event).await.map_err(|e| err(&e))?;
-    }
-    if abort {
-        tx.rollback().await.map_err(|e| err(&e))
-    } else {
-        tx.commit().await.map_err(|e| err(&e))
-    }
-}
-
-async fn read_ledger(pool: &PgPool, schema: &str) -> Result<Vec<Written>, sqlx::Error> {
-    let rows = sqlx::query(AssertSqlSafe(format!(
-        r#"SELECT id, key, seq FROM "{schema}".ledger ORDER BY key, seq"#
-    )))
-    .fetch_all(pool)
-    .await?;
-    rows.iter()
-        .map(|r| {
-            let seq: i64 = r.try_get(2)?;
-            Ok(Written::new(
-                r.try_get(0)?,
-                r.try_get::<String, _>(1)?,
-                seq.max(0) as u64,
-            ))
-        })
-        .collect()
-}
-
-/// Samples the outbox's row count every second, keeping the maximum.
-async fn sample_rows(
-    pool: PgPool,
-    sql: String,
-    max: Arc<std::sync::atomic::AtomicU64>,
-    stop: CancellationToken,
-) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut n = 0u64;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = stop.cancelled() => return,
-        }
-        if let Ok(rows) = sqlx::query_scalar::<_, i64>(AssertSqlSafe(sql.clone()))
-            .fetch_one(&pool)
-            .await
-        {
-            let rows = rows.max(0) as u64;
-            max.fetch_max(rows, std::sync::atomic::Ordering::Relaxed);
-            if n.is_multiple_of(10) {
-                tracing::info!(outbox_rows = rows, "outbox size");
-            }
-        }
-        n += 1;
-    }
-}
-
-/// Reads every message of the stream in stream order and records its event id.
-async fn consume(
-    js: jetstream::Context,
-    stream: String,
-    received: Arc<Mutex<Vec<Uuid>>>,
-    stop: CancellationToken,
-) -> Result<(), ChaosError> {
-    let broker = |e: &dyn std::fmt::Display| ChaosError::Broker(format!("consumer: {e}"));
-    let stream = js.get_stream(&stream).await.map_err(|e| broker(&e))?;
-    let consumer = stream
-        .create_consumer(pull::Config {
-            deliver_policy: jetstream::consumer::DeliverPolicy::All,
-            ack_policy: jetstream::consumer::AckPolicy::None,
-            inactive_threshold: Duration::from_secs(60),
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| broker(&e))?;
-    let mut messages = consumer.messages().await.map_err(|e| broker(&e))?;
-    loop {
-        let next = tokio::select! {
-            m = messages.next() => m,
-            () = stop.cancelled() => return Ok(()),
-        };
-        match next {
-            Some(Ok(message)) => match proclaim_nats::decode_message(&message) {
-                Ok(event) => lock(&received).push(event.id()),
-                Err(e) => tracing::warn!(error = %e, "undecodable message"),
-            },
-            Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
-            None => return Err(broker(&"the message stream ended")),
-        }
-    }
 }

@@ -92,6 +92,9 @@ pub(crate) struct ChaosArgs {
     /// The relays' lease.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     pub(crate) lease: Duration,
+    /// Turn off JetStream's deduplication, so every re-publish reaches the consumer as a duplicate.
+    #[arg(long)]
+    pub(crate) no_broker_dedup: bool,
     /// Seed for the writers and the choice of victims [default: random].
     #[arg(long)]
     pub(crate) seed: Option<u64>,

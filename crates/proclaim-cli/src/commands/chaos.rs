@@ -41,6 +41,7 @@ pub(crate) async fn run(settings: &StoreSettings, args: ChaosArgs) -> anyhow::Re
     config.fault_hold = args.fault_hold;
     config.lease = args.lease;
     config.keep = args.keep;
+    config.broker_dedup = !args.no_broker_dedup;
     if let Some(seed) = args.seed {
         config.seed = seed;
     }
