@@ -372,8 +372,10 @@ pub async fn expired_lease_is_reclaimed<H: StoreHarness>() {
     assert!(taken_over.records.iter().all(|r| r.attempts == 2));
 }
 
-/// Concurrent claimers (two pools, six tasks) never get the same event and
-/// together get every event.
+/// Concurrent claimers (two pools, six tasks) never get the same event,
+/// together get every event, and "publish" each subject's events in write
+/// order (G4 across relays: a subject's next event is claimable only once the
+/// one before it is acknowledged).
 pub async fn concurrent_claimers_never_overlap<H: StoreHarness>() {
     let h = H::setup().await;
     let events: Vec<Event> = (0..1000)
@@ -383,9 +385,11 @@ pub async fn concurrent_claimers_never_overlap<H: StoreHarness>() {
         h.write(chunk, true).await;
     }
     let stores = [h.store(), h.second_store().await];
+    let published_log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
     for i in 0..6 {
         let store = stores[i % 2].clone();
+        let published_log = published_log.clone();
         tasks.push(tokio::spawn(async move {
             let mut seen = Vec::new();
             loop {
@@ -401,6 +405,12 @@ pub async fn concurrent_claimers_never_overlap<H: StoreHarness>() {
                 }
                 let published: Vec<i64> = batch.records.iter().map(|r| r.sequence).collect();
                 seen.extend(batch.records.iter().map(|r| r.event.id()));
+                {
+                    let mut log = published_log.lock().unwrap();
+                    for (record, n) in batch.records.iter().zip(numbers(&batch)) {
+                        log.push((record.event.subject().to_owned(), n));
+                    }
+                }
                 let outcome = BatchOutcome {
                     published,
                     ..Default::default()
@@ -421,6 +431,15 @@ pub async fn concurrent_claimers_never_overlap<H: StoreHarness>() {
     let unique: HashSet<_> = all.iter().collect();
     assert_eq!(all.len(), 1000, "every event claimed exactly once");
     assert_eq!(unique.len(), 1000);
+    let mut last: std::collections::HashMap<String, u64> = Default::default();
+    for (subject, n) in published_log.lock().unwrap().iter() {
+        if let Some(before) = last.insert(subject.clone(), *n) {
+            assert!(
+                before < *n,
+                "subject {subject}: {n} published after {before}"
+            );
+        }
+    }
 }
 
 /// G7: with retention, published rows stay (not claimable) until purged.
