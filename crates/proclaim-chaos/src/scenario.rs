@@ -151,6 +151,12 @@ pub struct ChaosReport {
     pub outbox_rows_max: u64,
     /// See `outbox_rows_start`. Only dead letters remain after a drain.
     pub outbox_rows_end: u64,
+    /// On-disk size of the outbox table and its indexes when the faults
+    /// started and at the end. Deleted rows leave dead tuples until VACUUM,
+    /// so this can grow while the row count stays flat.
+    pub outbox_bytes_start: u64,
+    /// See `outbox_bytes_start`.
+    pub outbox_bytes_end: u64,
     /// Seconds of writing under faults.
     pub duration_s: f64,
     /// Seconds from the writers' stop until everything was delivered.
@@ -235,6 +241,7 @@ async fn run_in(
     let mut relays = crate::relays::start_relays(config, res).await?;
     let rows = RowCounter::new(pool, &res.schema);
     let outbox_rows_start = rows.count().await?;
+    let outbox_bytes_start = rows.bytes().await?;
 
     // Writers and the row sampler run while faults are injected.
     let stop_writers = CancellationToken::new();
@@ -315,6 +322,8 @@ async fn run_in(
     report.outbox_rows_start = outbox_rows_start;
     report.outbox_rows_max = outbox_rows_max;
     report.outbox_rows_end = rows.count().await?;
+    report.outbox_bytes_start = outbox_bytes_start;
+    report.outbox_bytes_end = rows.bytes().await?;
     report.duration_s = round2(duration_s);
     report.drain_s = round2(drain_s);
     report.passed = report.passed && drained && unclean_stops == 0;
@@ -505,6 +514,8 @@ fn judge(
         outbox_rows_start: 0,
         outbox_rows_max: 0,
         outbox_rows_end: 0,
+        outbox_bytes_start: 0,
+        outbox_bytes_end: 0,
         duration_s: 0.0,
         drain_s: 0.0,
         seed: config.seed,
@@ -513,11 +524,12 @@ fn judge(
     }
 }
 
-/// Counts the rows of the run's outbox table.
+/// Counts the rows of the run's outbox table and measures its size.
 #[derive(Clone)]
 struct RowCounter {
     pool: PgPool,
     sql: String,
+    size_sql: String,
 }
 
 impl RowCounter {
@@ -525,7 +537,16 @@ impl RowCounter {
         RowCounter {
             pool: pool.clone(),
             sql: format!(r#"SELECT count(*) FROM "{schema}".outbox"#),
+            size_sql: format!(r#"SELECT pg_total_relation_size('"{schema}".outbox')"#),
         }
+    }
+
+    async fn bytes(&self) -> Result<u64, ChaosError> {
+        sqlx::query_scalar::<_, i64>(AssertSqlSafe(self.size_sql.clone()))
+            .fetch_one(&self.pool)
+            .await
+            .map(|n| n.max(0) as u64)
+            .map_err(|e| ChaosError::Database(e.to_string()))
     }
 
     async fn count(&self) -> Result<u64, ChaosError> {
