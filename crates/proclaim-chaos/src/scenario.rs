@@ -66,6 +66,9 @@ pub struct ChaosConfig {
     pub seed: u64,
     /// Keep the schema, the stream and the relay logs afterwards.
     pub keep: bool,
+    /// Cancel to end the fault phase early (e.g. on Ctrl-C); the run then
+    /// heals, drains and checks as usual.
+    pub stop: CancellationToken,
 }
 
 impl ChaosConfig {
@@ -90,6 +93,7 @@ impl ChaosConfig {
             broker_dedup: true,
             seed: fastrand::u64(..),
             keep: false,
+            stop: CancellationToken::new(),
         }
     }
 
@@ -387,7 +391,7 @@ async fn inject_faults(
     let mut rng = fastrand::Rng::with_seed(config.seed ^ 0x5eed);
     let mut schedule = Schedule::new(config.faults.clone());
     let mut log = FaultLog::default();
-    while started.elapsed() < config.duration {
+    while started.elapsed() < config.duration && !config.stop.is_cancelled() {
         let Some(kind) = schedule.next_fault() else {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
@@ -485,11 +489,15 @@ fn judge(
     if logs.errors > 0 {
         problems.push(format!("{} writer transactions failed", logs.errors));
     }
+    if verdict.committed == 0 {
+        problems.push("nothing was committed, so nothing was checked".to_owned());
+    }
     if !verdict.passed() {
         problems.push("the history check failed".to_owned());
     }
     problems.extend(verdict.examples.iter().cloned());
     let passed = verdict.passed()
+        && verdict.committed > 0
         && missing.is_empty()
         && poison_dead_lettered == poison_injected
         && other_dead_lettered == 0

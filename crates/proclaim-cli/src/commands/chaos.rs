@@ -45,6 +45,14 @@ pub(crate) async fn run(settings: &StoreSettings, args: ChaosArgs) -> anyhow::Re
     if let Some(seed) = args.seed {
         config.seed = seed;
     }
+    // Ctrl-C / SIGTERM ends the fault phase early; the run still heals,
+    // drains, stops its relays, checks and cleans up.
+    let stop = config.stop.clone();
+    tokio::spawn(async move {
+        crate::commands::relay::wait_for_signal().await;
+        tracing::warn!("interrupted: healing, draining and checking what was written so far");
+        stop.cancel();
+    });
     let report = run_chaos(config).await?;
     let line = serde_json::to_string(&report)?;
     writeln!(std::io::stdout().lock(), "{line}")?;

@@ -513,3 +513,51 @@ async fn the_same_commands_work_on_mariadb() {
     let db = proclaim_testkit::mysql::TestMySqlDatabase::new().await;
     emit_status_replay_on(&db.url()).await;
 }
+
+#[tokio::test]
+async fn chaos_rejects_bad_input_and_reports_unreachable_services() {
+    let out = run(
+        &mut proclaim(),
+        &["--database-url", "sqlite://x.db", "chaos"],
+    )
+    .await;
+    assert_fails(&out, 2, "needs a PostgreSQL");
+    let ts = TestSchema::new().await;
+    let out = run(&mut bound(&ts, None), &["chaos", "--faults", "db_explode"]).await;
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("unknown fault \"db_explode\"; known: db_blackhole"),
+        "{}",
+        stderr(&out)
+    );
+    let out = run(&mut bound(&ts, None), &["chaos", "--abort-ratio", "1.5"]).await;
+    assert_fails(&out, 2, "--abort-ratio");
+    let out = run(&mut bound(&ts, None), &["chaos", "--relays", "0"]).await;
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+
+    let out = run(
+        &mut proclaim(),
+        &[
+            "--database-url",
+            "postgres://postgres:secret@127.0.0.1:1/test",
+            "chaos",
+            "--duration",
+            "1s",
+        ],
+    )
+    .await;
+    assert_fails(&out, 1, "database");
+    assert!(!stderr(&out).contains("secret"));
+    let out = run(
+        &mut bound(&ts, None),
+        &[
+            "chaos",
+            "--duration",
+            "1s",
+            "--nats-url",
+            "nats://127.0.0.1:1",
+        ],
+    )
+    .await;
+    assert_fails(&out, 1, "nats://127.0.0.1:1");
+}
