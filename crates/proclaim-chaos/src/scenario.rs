@@ -197,7 +197,7 @@ pub async fn run(config: ChaosConfig) -> Result<ChaosReport, ChaosError> {
     };
     let pool = PgPoolOptions::new()
         .max_connections(u32::try_from(config.writers).unwrap_or(64) + 4)
-        .acquire_timeout(Duration::from_secs(10))
+        .acquire_timeout(Duration::from_secs(5))
         .connect(&config.database_url)
         .await
         .map_err(|e| ChaosError::Database(format!("cannot connect: {e}")))?;

@@ -6,6 +6,8 @@
 
 mod args;
 mod commands;
+#[cfg(test)]
+mod properties;
 mod settings;
 mod store;
 

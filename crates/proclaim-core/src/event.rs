@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Datelike, SecondsFormat, Utc};
 use serde::Serialize;
 use serde_json::value::RawValue;
 use uuid::Uuid;
@@ -262,18 +262,26 @@ impl Event {
 
     /// Parses an event from CloudEvents structured JSON.
     pub fn from_cloudevent_json(json: &str) -> Result<Self, EventError> {
-        let serde_json::Value::Object(mut map) =
-            serde_json::from_str(json).map_err(|e| EventError::Data(e.to_string()))?
-        else {
-            return Err(EventError::Data(
-                "a CloudEvent must be a JSON object".into(),
-            ));
-        };
+        // Attributes are read as raw JSON, so that `data` keeps the exact text
+        // it was written with (whitespace, key order, number spelling), as
+        // `Event::data` promises; a round trip through `serde_json::Value`
+        // would rewrite it.
+        let mut map: BTreeMap<String, &RawValue> = serde_json::from_str(json).map_err(|_| {
+            match serde_json::from_str::<&RawValue>(json) {
+                Ok(_) => EventError::Data("a CloudEvent must be a JSON object".into()),
+                Err(e) => EventError::Data(e.to_string()),
+            }
+        })?;
         let mut take = |name: &'static str| -> Result<Option<String>, EventError> {
             match map.remove(name) {
-                None | Some(serde_json::Value::Null) => Ok(None),
-                Some(serde_json::Value::String(s)) => Ok(Some(s)),
-                Some(_) => Err(invalid(name, "must be a string")),
+                None => Ok(None),
+                Some(raw) => serde_json::from_str::<Option<String>>(raw.get()).map_err(|e| {
+                    if raw.get().starts_with('"') {
+                        invalid(name, e.to_string())
+                    } else {
+                        invalid(name, "must be a string")
+                    }
+                }),
             }
         };
         let spec = take("specversion")?.ok_or(EventError::Missing("specversion"))?;
@@ -294,18 +302,18 @@ impl Event {
             .with_timezone(&Utc);
         let datacontenttype = take("datacontenttype")?.unwrap_or_else(|| JSON_CONTENT_TYPE.into());
         let dataschema = take("dataschema")?;
-        let data = map.remove("data").unwrap_or(serde_json::Value::Null);
-        let data = serde_json::to_string(&data).map_err(|e| EventError::Data(e.to_string()))?;
+        let data = map
+            .remove("data")
+            .map_or_else(|| "null".to_owned(), |raw| raw.get().to_owned());
         let mut metadata = BTreeMap::new();
-        for (k, v) in map {
-            match v {
-                serde_json::Value::String(s) => {
-                    metadata.insert(k, s);
-                }
-                other => {
-                    metadata.insert(k, other.to_string());
-                }
-            }
+        for (k, raw) in map {
+            // Extension values that are not strings are kept as compact JSON text.
+            let value = match serde_json::from_str(raw.get()) {
+                Ok(serde_json::Value::String(s)) => s,
+                Ok(other) => other.to_string(),
+                Err(e) => return Err(invalid(k, e.to_string())),
+            };
+            metadata.insert(k, value);
         }
         Event::from_parts(EventParts {
             id,
@@ -339,6 +347,17 @@ impl Event {
         check_text("type", &self.event_type, MAX_TYPE_LEN)?;
         check_text("source", &self.source, MAX_SOURCE_LEN)?;
         check_text("subject", &self.subject, MAX_SUBJECT_LEN)?;
+        // RFC 3339 writes four-digit years: a time outside them would encode
+        // to CloudEvents JSON that no decoder (this one included) accepts.
+        if !(0..=9999).contains(&self.time.year()) {
+            return Err(invalid(
+                "time",
+                format!(
+                    "{} is outside the years 0000-9999 that RFC 3339 can write",
+                    self.time
+                ),
+            ));
+        }
         check_text("datacontenttype", &self.datacontenttype, 255)?;
         if !is_json_media_type(&self.datacontenttype) {
             return Err(invalid(
