@@ -86,7 +86,7 @@ pub struct Verdict {
     /// Deliveries beyond the first of an event.
     pub duplicates: u64,
     /// A few ids of each anomaly, for the investigation.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(skip)]
     pub examples: Vec<String>,
 }
 

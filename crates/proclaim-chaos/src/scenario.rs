@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use crate::ChaosError;
 use crate::faults::{FaultKind, Schedule};
-use crate::history::History;
+use crate::history::{History, Verdict};
 use crate::proxy::FaultMode;
 use crate::relays::RelayProcess;
 use crate::writers::WriterLog;
@@ -119,20 +119,10 @@ impl ChaosConfig {
 /// `proclaim chaos` prints), then what was injected and what the outbox did.
 #[derive(Debug, Clone, Serialize)]
 pub struct ChaosReport {
-    /// Events committed (read from the business table).
-    pub committed: u64,
-    /// Events rolled back.
-    pub aborted: u64,
-    /// Committed events the consumer received.
-    pub delivered_unique: u64,
-    /// Committed events never received.
-    pub lost: u64,
-    /// Received events that were never committed.
-    pub phantom: u64,
-    /// First deliveries out of their key's commit order.
-    pub order_violations: u64,
-    /// Deliveries beyond the first.
-    pub duplicates: u64,
+    /// What the history checker found (committed, aborted,
+    /// delivered_unique, lost, phantom, order_violations, duplicates).
+    #[serde(flatten)]
+    pub verdict: Verdict,
     /// Faults injected, all kinds.
     pub faults_injected: u64,
     /// Faults injected per kind.
@@ -449,7 +439,7 @@ fn judge(
     dead: &[DeadLetterEntry],
     faults: FaultLog,
 ) -> ChaosReport {
-    let verdict = history.check();
+    let mut verdict = history.check();
     let mut problems = faults.problems;
     let poison: HashSet<Uuid> = logs.poison.iter().copied().collect();
     let poison_dead: Vec<_> = dead.iter().filter(|d| poison.contains(&d.id)).collect();
@@ -495,7 +485,7 @@ fn judge(
     if !verdict.passed() {
         problems.push("the history check failed".to_owned());
     }
-    problems.extend(verdict.examples.iter().cloned());
+    problems.extend(std::mem::take(&mut verdict.examples));
     let passed = verdict.passed()
         && verdict.committed > 0
         && missing.is_empty()
@@ -504,13 +494,7 @@ fn judge(
         && faults.unexpected_exits == 0
         && logs.errors == 0;
     ChaosReport {
-        committed: verdict.committed,
-        aborted: verdict.aborted,
-        delivered_unique: verdict.delivered_unique,
-        lost: verdict.lost,
-        phantom: verdict.phantom,
-        order_violations: verdict.order_violations,
-        duplicates: verdict.duplicates,
+        verdict,
         faults_injected: faults.by_kind.values().sum(),
         faults_by_kind: faults.by_kind,
         poison_injected,
@@ -592,4 +576,117 @@ fn round2(x: f64) -> f64 {
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::history::Written;
+
+    fn config() -> ChaosConfig {
+        ChaosConfig::new(String::new(), String::new(), PathBuf::new())
+    }
+
+    fn every_fault_once() -> FaultLog {
+        FaultLog {
+            by_kind: FaultKind::ALL.iter().map(|k| (k.name(), 1)).collect(),
+            ..FaultLog::default()
+        }
+    }
+
+    fn history(n: u64) -> History {
+        let committed: Vec<Written> = (1..=n)
+            .map(|seq| Written::new(Uuid::now_v7(), "k", seq))
+            .collect();
+        let received = committed.iter().map(|w| w.id).collect();
+        History {
+            committed,
+            aborted: vec![],
+            received,
+        }
+    }
+
+    #[test]
+    fn the_json_line_starts_with_the_checker_fields_in_order() {
+        let report = judge(
+            &config(),
+            &history(3),
+            &WriterLog::default(),
+            &[],
+            every_fault_once(),
+        );
+        assert!(report.passed, "{:?}", report.problems);
+        let line = serde_json::to_string(&report).unwrap();
+        let expected = [
+            "committed",
+            "aborted",
+            "delivered_unique",
+            "lost",
+            "phantom",
+            "order_violations",
+            "duplicates",
+            "faults_injected",
+        ];
+        let mut at = 0;
+        for key in expected {
+            let pos = line[at..]
+                .find(&format!("\"{key}\":"))
+                .unwrap_or_else(|| panic!("{key} missing or out of order in {line}"));
+            at += pos;
+        }
+        assert!(line.contains("\"faults_by_kind\":{"), "{line}");
+        assert!(line.starts_with("{\"committed\":3,"), "{line}");
+        assert!(line.contains("\"faults_injected\":12"), "{line}");
+    }
+
+    #[test]
+    fn a_run_fails_on_what_the_checker_cannot_see() {
+        let mut missing = every_fault_once();
+        missing.by_kind.remove("relay_pause");
+        let report = judge(&config(), &history(3), &WriterLog::default(), &[], missing);
+        assert!(!report.passed);
+        assert!(
+            report.problems[0].contains("relay_pause"),
+            "{:?}",
+            report.problems
+        );
+
+        let poisoned = WriterLog {
+            poison: vec![Uuid::now_v7()],
+            ..WriterLog::default()
+        };
+        let report = judge(&config(), &history(3), &poisoned, &[], every_fault_once());
+        assert!(!report.passed);
+        assert!(
+            report.problems[0].contains("0 of 1 malformed rows"),
+            "{:?}",
+            report.problems
+        );
+
+        let report = judge(
+            &config(),
+            &history(0),
+            &WriterLog::default(),
+            &[],
+            every_fault_once(),
+        );
+        assert!(!report.passed, "a run that checked nothing does not pass");
+
+        let mut lossy = history(3);
+        lossy.received.pop();
+        let report = judge(
+            &config(),
+            &lossy,
+            &WriterLog::default(),
+            &[],
+            every_fault_once(),
+        );
+        assert!(!report.passed);
+        assert_eq!(report.verdict.lost, 1);
+        assert!(
+            report.problems.iter().any(|p| p.starts_with("lost")),
+            "{:?}",
+            report.problems
+        );
+    }
 }
