@@ -65,7 +65,7 @@ pub(crate) struct DrainArgs {
     #[arg(long, default_value_t = 256)]
     publish_window: usize,
     /// Give up on a drain that takes longer than this.
-    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "10m", value_parser = proclaim::parse_duration)]
     timeout: Duration,
     /// A seconds-long smoke test: 5000 events, 2 runs (unless given).
     #[arg(long)]

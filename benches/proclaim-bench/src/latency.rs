@@ -48,13 +48,13 @@ pub(crate) struct LatencyArgs {
     #[arg(long)]
     runs: Option<usize>,
     /// Events scheduled in this first part of each run are not counted.
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = proclaim::parse_duration)]
     warmup: Duration,
     /// Build the outbox without NOTIFY, so the relay only polls.
     #[arg(long)]
     no_wakeup: bool,
     /// The relay's poll interval [default: RelayConfig's, 1s].
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = proclaim::parse_duration)]
     poll_interval: Option<Duration>,
     /// Distinct subjects (ordering keys) the events are spread over.
     #[arg(long, default_value_t = 1000)]

@@ -63,7 +63,7 @@ pub(crate) enum Command {
 #[derive(Debug, Args)]
 pub(crate) struct ChaosArgs {
     /// How long writers write while faults are injected, e.g. 60s or 10m.
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "60s", value_parser = proclaim::parse_duration)]
     pub(crate) duration: Duration,
     /// NATS server URL (JetStream) [default: nats://127.0.0.1:4222].
     #[arg(long, env = "PROCLAIM_NATS_URL")]
@@ -87,10 +87,10 @@ pub(crate) struct ChaosArgs {
     #[arg(long, value_delimiter = ',')]
     pub(crate) faults: Vec<proclaim_chaos::faults::FaultKind>,
     /// How long each fault lasts (a pause lasts 1.5 leases).
-    #[arg(long, default_value = "2500ms", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "2500ms", value_parser = proclaim::parse_duration)]
     pub(crate) fault_hold: Duration,
     /// The relays' lease.
-    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "3s", value_parser = proclaim::parse_duration)]
     pub(crate) lease: Duration,
     /// Turn off JetStream's deduplication, so every re-publish reaches the consumer as a duplicate.
     #[arg(long)]
@@ -137,16 +137,16 @@ pub(crate) struct RelayArgs {
     #[arg(long, env = "PROCLAIM_MAX_ATTEMPTS")]
     pub(crate) max_attempts: Option<u32>,
     /// How long a claim holds its events, e.g. 30s [default: 30s].
-    #[arg(long, env = "PROCLAIM_LEASE", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "PROCLAIM_LEASE", value_parser = proclaim::parse_duration)]
     pub(crate) lease: Option<Duration>,
     /// Bound of one publish incl. the broker's ack [default: 10s].
-    #[arg(long, env = "PROCLAIM_PUBLISH_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "PROCLAIM_PUBLISH_TIMEOUT", value_parser = proclaim::parse_duration)]
     pub(crate) publish_timeout: Option<Duration>,
     /// Poll interval when no wake-up arrives [default: 1s].
-    #[arg(long, env = "PROCLAIM_POLL_INTERVAL", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "PROCLAIM_POLL_INTERVAL", value_parser = proclaim::parse_duration)]
     pub(crate) poll_interval: Option<Duration>,
     /// Keep published rows this long instead of deleting them, e.g. 7days.
-    #[arg(long, env = "PROCLAIM_RETENTION", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "PROCLAIM_RETENTION", value_parser = proclaim::parse_duration)]
     pub(crate) retention: Option<Duration>,
     /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9464.
     #[arg(long, env = "PROCLAIM_METRICS_ADDR")]

@@ -18,10 +18,10 @@ use std::time::Duration;
 #[serde(default, deny_unknown_fields)]
 pub struct Backoff {
     /// Delay before the first retry.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::duration::human")]
     pub initial: Duration,
     /// Upper bound of any delay.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::duration::human")]
     pub max: Duration,
     /// Growth per attempt (≥ 1).
     pub multiplier: f64,

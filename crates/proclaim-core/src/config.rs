@@ -40,14 +40,14 @@ pub struct RelayConfig {
     pub max_batches_in_flight: usize,
     /// How often an idle relay looks for events when no wake-up hint arrives
     /// (default 1 s). Wake-ups (PostgreSQL `NOTIFY`) make idle latency far lower.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::duration::human")]
     pub poll_interval: Duration,
     /// How long a claim holds its events (default 30 s). A relay that dies
     /// holds them at most this long; then another relay takes them over.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::duration::human")]
     pub lease: Duration,
     /// Upper bound of one publish, including the broker's ack (default 10 s).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::duration::human")]
     pub publish_timeout: Duration,
     /// Attempts before an event that keeps failing is dead-lettered (default 10).
     pub max_attempts: u32,
@@ -57,17 +57,17 @@ pub struct RelayConfig {
     pub outage_backoff: Backoff,
     /// `None` (default): delete each row once published. `Some(d)`: keep it
     /// marked published for `d`, then purge it.
-    #[serde(with = "humantime_serde::option")]
+    #[serde(with = "crate::duration::human::option")]
     pub retention: Option<Duration>,
     /// How often retained rows are purged (default 60 s).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::duration::human")]
     pub purge_interval: Duration,
     /// How long a graceful shutdown waits for in-flight batches (default 30 s).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::duration::human")]
     pub shutdown_timeout: Duration,
     /// How often the relay reads the outbox counts into the
     /// `proclaim_outbox_*` gauges (default 15 s).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::duration::human")]
     pub stats_interval: Duration,
 }
 
@@ -156,7 +156,11 @@ impl RelayConfig {
         if self.publish_timeout.is_zero() {
             return err("publish_timeout must be greater than zero".into());
         }
-        if self.lease < self.publish_timeout * 2 {
+        if self
+            .publish_timeout
+            .checked_mul(2)
+            .is_none_or(|twice| self.lease < twice)
+        {
             return err(format!(
                 "lease ({:?}) must be at least twice publish_timeout ({:?}), or a slow publish could outlive its lease",
                 self.lease, self.publish_timeout

@@ -15,6 +15,7 @@
 mod admin;
 mod backoff;
 mod config;
+pub mod duration;
 mod event;
 pub mod local;
 mod publisher;
@@ -26,6 +27,7 @@ pub mod store_support;
 pub use admin::{DeadLetterEntry, OutboxAdmin};
 pub use backoff::Backoff;
 pub use config::{ConfigError, RelayConfig};
+pub use duration::parse_duration;
 pub use event::{
     CAUSATION_ID, CORRELATION_ID, DEFAULT_SOURCE, Event, EventBuilder, EventError, EventParts,
     JSON_CONTENT_TYPE, SPEC_VERSION, TRACEPARENT,

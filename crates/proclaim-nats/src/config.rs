@@ -48,12 +48,12 @@ pub struct NatsConfig {
     pub create_stream: bool,
     /// Upper bound of the initial connection (default 5 s). The initial
     /// connection is not retried; later disconnections are, forever.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "proclaim_core::duration::human")]
     pub connect_timeout: Duration,
     /// JetStream duplicate window of a stream created by this publisher
     /// (default 2 min): redeliveries of an event within it are dropped by the
     /// server, by `Nats-Msg-Id`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "proclaim_core::duration::human")]
     pub duplicate_window: Duration,
 }
 
