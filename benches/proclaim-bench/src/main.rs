@@ -22,12 +22,17 @@
 //! cargo run --release -p proclaim-bench -- latency --rate 1000 --seconds 10 --runs 3 --no-wakeup
 //! cargo run --release -p proclaim-bench -- latency --no-wakeup --poll-interval 250ms
 //!
+//! # Write cost: donor insert + enqueue against donor insert + a hand-written
+//! # INSERT of the same outbox row (and the donor insert alone), 1 and 16 writers.
+//! cargo run --release -p proclaim-bench -- write --writers 1,16 --seconds 5 --runs 5
+//!
 //! # Smoke tests for CI (a few seconds each):
 //! cargo run --release -p proclaim-bench -- drain --quick
 //! cargo run --release -p proclaim-bench -- drain --quick --store sqlite
 //! cargo run --release -p proclaim-bench -- drain --quick --store mysql
 //! cargo run --release -p proclaim-bench -- latency --quick
 //! cargo run --release -p proclaim-bench -- latency --quick --no-wakeup
+//! cargo run --release -p proclaim-bench -- write --quick
 //!
 //! # Machine-readable: one JSON object per line on stdout (the table goes to stderr).
 //! cargo run --release -p proclaim-bench -- drain --quick --json
@@ -60,6 +65,7 @@ mod latency;
 mod leftovers;
 mod output;
 mod stats;
+mod write;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -130,6 +136,8 @@ enum Command {
     Drain(drain::DrainArgs),
     /// Latency: commit → JetStream ack at a steady offered rate.
     Latency(latency::LatencyArgs),
+    /// Write cost: a business transaction with `enqueue` against the same with a hand-written INSERT.
+    Write(write::WriteArgs),
     /// Lists (or deletes) schemas, databases, directories and streams left behind by killed runs.
     Leftovers(leftovers::LeftoversArgs),
 }
@@ -166,6 +174,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Latency(args) => {
             with_env("latency", &cli.common, StoreKind::Postgres, move |env| {
                 latency::run(env, args, out)
+            })
+            .await
+        }
+        Command::Write(args) => {
+            with_env("write", &cli.common, StoreKind::Postgres, move |env| {
+                write::run(env, args, out)
             })
             .await
         }

@@ -42,6 +42,12 @@ pub struct RelayConfig {
     /// (default 1 s). Wake-ups (PostgreSQL `NOTIFY`) make idle latency far lower.
     #[serde(with = "crate::duration::human")]
     pub poll_interval: Duration,
+    /// After a wake-up, claim once more this much later (default 10 ms; 0
+    /// turns it off). Writers that debounce their `NOTIFY` (see the
+    /// PostgreSQL store's `notify_debounce`) rely on it: their commits right
+    /// after a notifying one are picked up then instead of at the next poll.
+    #[serde(with = "crate::duration::human")]
+    pub wakeup_followup: Duration,
     /// How long a claim holds its events (default 30 s). A relay that dies
     /// holds them at most this long; then another relay takes them over.
     #[serde(with = "crate::duration::human")]
@@ -78,6 +84,7 @@ impl Default for RelayConfig {
             max_concurrent_publishes: 256,
             max_batches_in_flight: 2,
             poll_interval: Duration::from_secs(1),
+            wakeup_followup: Duration::from_millis(10),
             lease: Duration::from_secs(30),
             publish_timeout: Duration::from_secs(10),
             max_attempts: 10,
@@ -111,6 +118,8 @@ with! {
     with_max_batches_in_flight => max_batches_in_flight: usize;
     /// Sets [`RelayConfig::poll_interval`].
     with_poll_interval => poll_interval: Duration;
+    /// Sets [`RelayConfig::wakeup_followup`].
+    with_wakeup_followup => wakeup_followup: Duration;
     /// Sets [`RelayConfig::lease`].
     with_lease => lease: Duration;
     /// Sets [`RelayConfig::publish_timeout`].

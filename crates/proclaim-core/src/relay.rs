@@ -194,6 +194,8 @@ async fn run_loop<S: OutboxStore, P: Publisher>(
     let mut outage_failures = 0u32;
     let mut next_purge = Instant::now();
     let mut next_stats = Instant::now();
+    // A claim due shortly after the last burst of wake-ups.
+    let mut followup_at: Option<tokio::time::Instant> = None;
     info!(
         batch_size = config.batch_size,
         lease = ?config.lease,
@@ -280,14 +282,25 @@ async fn run_loop<S: OutboxStore, P: Publisher>(
                 None => std::future::pending().await,
             }
         };
+        let followup = async {
+            match followup_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = shutdown.cancelled() => break,
             Some(done) = batches.join_next(), if !batches.is_empty() => log_join(done),
+            () = followup => followup_at = None,
             hint = wakeup => {
                 match hint {
-                    // Coalesce a burst of hints into one claim.
+                    // Coalesce a burst of hints into one claim, and claim once
+                    // more shortly after the burst (debounced writers).
                     Some(()) => if let Some(w) = wakeups.as_mut() {
                         while let Some(Some(())) = w.next().now_or_never() {}
+                        if !config.wakeup_followup.is_zero() {
+                            followup_at = Some(tokio::time::Instant::now() + config.wakeup_followup);
+                        }
                     },
                     None => {
                         warn!("wake-up stream ended; polling every {:?}", config.poll_interval);

@@ -23,6 +23,14 @@ pub struct PgOutboxOptions {
     /// once (default true). PostgreSQL delivers it only on commit and folds
     /// repeats within one transaction into one.
     pub notify: bool,
+    /// Writers in this process send at most one `NOTIFY` per this window
+    /// (default 1 ms; 0: every transaction notifies). PostgreSQL serializes the
+    /// commits of notifying transactions (a database-wide lock held through
+    /// the commit), so under many concurrent writers a window of a
+    /// millisecond or two restores commit concurrency; the relay claims again
+    /// shortly after every wake-up to pick up the transactions that did not
+    /// notify, and its poll interval bounds the rest.
+    pub notify_debounce: std::time::Duration,
 }
 
 impl Default for PgOutboxOptions {
@@ -31,6 +39,7 @@ impl Default for PgOutboxOptions {
             schema: "proclaim".into(),
             table: "outbox".into(),
             notify: true,
+            notify_debounce: std::time::Duration::from_millis(1),
         }
     }
 }
@@ -49,6 +58,11 @@ impl PgOutboxOptions {
     /// Turns the `NOTIFY` wake-up on or off.
     pub fn with_notify(mut self, notify: bool) -> Self {
         self.notify = notify;
+        self
+    }
+    /// Sets [`PgOutboxOptions::notify_debounce`].
+    pub fn with_notify_debounce(mut self, window: std::time::Duration) -> Self {
+        self.notify_debounce = window;
         self
     }
     /// Checks schema and table names (see the identifier rules on

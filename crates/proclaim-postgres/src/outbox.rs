@@ -59,7 +59,45 @@ pub struct PgOutbox {
     schema: Ident,
     table: Ident,
     notify: bool,
+    debounce: Arc<NotifyDebounce>,
     sql: Arc<Sql>,
+}
+
+/// At most one `NOTIFY` per window from this process's writers.
+#[derive(Debug)]
+struct NotifyDebounce {
+    window_us: u64,
+    /// Microseconds since `base` of the last `NOTIFY` sent.
+    last_us: std::sync::atomic::AtomicU64,
+    base: std::time::Instant,
+}
+
+impl NotifyDebounce {
+    fn new(window: std::time::Duration) -> Self {
+        NotifyDebounce {
+            window_us: u64::try_from(window.as_micros()).unwrap_or(u64::MAX),
+            last_us: std::sync::atomic::AtomicU64::new(0),
+            base: std::time::Instant::now(),
+        }
+    }
+
+    /// Whether this transaction should notify.
+    fn should_notify(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.window_us == 0 {
+            return true;
+        }
+        // +window so the first call always notifies.
+        let now = u64::try_from(self.base.elapsed().as_micros())
+            .unwrap_or(u64::MAX)
+            .saturating_add(self.window_us);
+        let last = self.last_us.load(Relaxed);
+        now.saturating_sub(last) >= self.window_us
+            && self
+                .last_us
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok()
+    }
 }
 
 impl std::fmt::Debug for PgOutbox {
@@ -76,7 +114,7 @@ impl PgOutbox {
         let defaults = PgOutboxOptions::default();
         let schema = Ident::known(&defaults.schema);
         let table = Ident::known(&defaults.table);
-        Self::build(pool, schema, table, defaults.notify)
+        Self::build(pool, schema, table, &defaults)
     }
 
     /// An outbox with the given options. Schema and table names must be 1-63
@@ -85,16 +123,17 @@ impl PgOutbox {
     pub fn with_options(pool: PgPool, options: PgOutboxOptions) -> Result<Self, StoreError> {
         let schema = Ident::parse("schema", &options.schema)?;
         let table = Ident::parse("table", &options.table)?;
-        Ok(Self::build(pool, schema, table, options.notify))
+        Ok(Self::build(pool, schema, table, &options))
     }
 
-    fn build(pool: PgPool, schema: Ident, table: Ident, notify: bool) -> Self {
-        let sql = Arc::new(Sql::new(&schema, &table, notify));
+    fn build(pool: PgPool, schema: Ident, table: Ident, options: &PgOutboxOptions) -> Self {
+        let sql = Arc::new(Sql::new(&schema, &table, options.notify));
         PgOutbox {
             pool,
             schema,
             table,
-            notify,
+            notify: options.notify,
+            debounce: Arc::new(NotifyDebounce::new(options.notify_debounce)),
             sql,
         }
     }
@@ -204,7 +243,12 @@ impl PgOutbox {
         event: &Event,
     ) -> Result<(), StoreError> {
         let conn: &mut PgConnection = tx;
-        sqlx::query(AssertSqlSafe(self.sql.insert_one.clone()))
+        let sql = if self.notify && self.debounce.should_notify() {
+            &self.sql.insert_one
+        } else {
+            &self.sql.insert_one_quiet
+        };
+        sqlx::query(AssertSqlSafe(sql.clone()))
             .bind(event.id())
             .bind(event.event_type())
             .bind(event.source())
@@ -259,7 +303,7 @@ impl PgOutbox {
             .execute(&mut *conn)
             .await
             .map_err(classify)?;
-        if self.notify {
+        if self.notify && self.debounce.should_notify() {
             sqlx::query(AssertSqlSafe(self.sql.notify.clone()))
                 .execute(conn)
                 .await

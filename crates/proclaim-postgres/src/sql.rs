@@ -14,6 +14,8 @@ pub(crate) struct Sql {
     pub(crate) lock_keys: Arc<str>,
     pub(crate) insert_many: Arc<str>,
     pub(crate) notify: Arc<str>,
+    /// `insert_one` without the `NOTIFY`, for debounced writers.
+    pub(crate) insert_one_quiet: Arc<str>,
     pub(crate) claim_setup: Arc<str>,
     pub(crate) claim: Arc<str>,
     pub(crate) delete_published: Arc<str>,
@@ -57,6 +59,11 @@ impl Sql {
                 "WITH key_lock AS (SELECT pg_advisory_xact_lock({lock_class}, $10)){notify_cte} \
                  INSERT INTO {q} ({COLUMNS}) \
                  SELECT $1, $2, $3, $4, $5, $6, $7, $8::json, $9::jsonb FROM key_lock{notify_from}"
+            )),
+            insert_one_quiet: a(format!(
+                "WITH key_lock AS (SELECT pg_advisory_xact_lock({lock_class}, $10)) \
+                 INSERT INTO {q} ({COLUMNS}) \
+                 SELECT $1, $2, $3, $4, $5, $6, $7, $8::json, $9::jsonb FROM key_lock"
             )),
             lock_keys: a(format!(
                 "SELECT count(*) FROM (SELECT pg_advisory_xact_lock({lock_class}, k) \

@@ -466,3 +466,54 @@ async fn retention_keeps_published_rows_then_purges_them() {
     let report = relay.shutdown().await;
     assert_eq!(report.published, 20);
 }
+
+/// Writers with a `NOTIFY` debounce window: the first transaction notifies,
+/// the next one within the window does not. Its event, committed after the
+/// relay already claimed on the wake-up, is delivered by the relay's
+/// follow-up claim, not by polling (the poll interval here is a minute).
+/// Returns how many events the stream holds 1.5 s after the second commit.
+async fn debounced_second_commit(followup: Duration) -> u64 {
+    let h = Harness::new().await;
+    let writer = PgOutbox::with_options(
+        h.ts.pool.clone(),
+        PgOutboxOptions::default()
+            .with_schema(&h.ts.name)
+            .with_notify_debounce(Duration::from_secs(60)),
+    )
+    .unwrap();
+    let config = fast_config()
+        .with_poll_interval(Duration::from_secs(60))
+        .with_wakeup_followup(followup);
+    let relay = Relay::new(h.outbox.clone(), h.publisher().await, config)
+        .unwrap()
+        .spawn();
+    tokio::time::sleep(Duration::from_millis(300)).await; // past its first claim
+
+    let mut first = h.ts.pool.begin().await.unwrap();
+    writer.enqueue(&mut first, &event("a", 1)).await.unwrap(); // notifies
+    let mut second = h.ts.pool.begin().await.unwrap();
+    writer.enqueue(&mut second, &event("b", 2)).await.unwrap(); // debounced
+    first.commit().await.unwrap();
+    h.stream.wait_for_count(1, WAIT).await; // the wake-up delivered the first
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    second.commit().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let delivered = h.stream.count().await;
+    relay.shutdown().await;
+    delivered
+}
+
+#[tokio::test]
+async fn the_followup_claim_delivers_a_debounced_commit() {
+    let delivered = debounced_second_commit(Duration::from_millis(500)).await;
+    assert_eq!(
+        delivered, 2,
+        "the follow-up claim picked up the second event"
+    );
+}
+
+#[tokio::test]
+async fn without_the_followup_a_debounced_commit_waits_for_the_poll() {
+    let delivered = debounced_second_commit(Duration::ZERO).await;
+    assert_eq!(delivered, 1, "nothing else wakes the relay within 1.5 s");
+}
