@@ -120,7 +120,7 @@ struct Written {
 }
 
 /// The figures of one run, in milliseconds unless named otherwise.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct RunResult {
     events: usize,
     achieved_rate: f64,
@@ -135,7 +135,14 @@ struct RunResult {
     commit_p99: f64,
     publish_p50: f64,
     publish_p99: f64,
+    /// Commit → ack in ms at each of [`CURVE`]'s quantiles (for `plot`).
+    curve: Vec<f64>,
 }
+
+/// The quantiles of the latency distribution written to JSON (`curve_ms`).
+const CURVE: [f64; 14] = [
+    0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9995, 0.9999, 1.0,
+];
 
 pub(crate) async fn run(env: Arc<Env>, args: LatencyArgs, out: Output) -> anyhow::Result<()> {
     let seconds = args.seconds.unwrap_or(if args.quick { 2 } else { 10 });
@@ -252,6 +259,8 @@ pub(crate) async fn run(env: Arc<Env>, args: LatencyArgs, out: Output) -> anyhow
         "commit_p99_ms": r2(median.commit_p99),
         "publish_ack_p50_ms": r2(median.publish_p50),
         "publish_ack_p99_ms": r2(median.publish_p99),
+        "curve_quantiles": CURVE,
+        "curve_ms": median.curve.iter().map(|&x| r2(x)).collect::<Vec<_>>(),
         "per_run": results.iter().map(|r| json!({
             "events": r.events,
             "achieved_rate": round(r.achieved_rate, 1),
@@ -288,6 +297,13 @@ fn summarize(results: &[RunResult], pick: impl Fn(Spread) -> f64) -> RunResult {
         commit_p99: s(|r| r.commit_p99),
         publish_p50: s(|r| r.publish_p50),
         publish_p99: s(|r| r.publish_p99),
+        curve: (0..CURVE.len())
+            .map(|i| {
+                pick(Spread::of(
+                    &results.iter().map(|r| r.curve[i]).collect::<Vec<_>>(),
+                ))
+            })
+            .collect(),
     }
 }
 
@@ -421,6 +437,7 @@ async fn one_run(
         commit_p99: commit.ms(0.99),
         publish_p50: publish.ms(0.50),
         publish_p99: publish.ms(0.99),
+        curve: CURVE.iter().map(|&q| ack.ms(q)).collect(),
     })
 }
 

@@ -64,6 +64,7 @@ mod env;
 mod latency;
 mod leftovers;
 mod output;
+mod plot;
 mod stats;
 mod write;
 
@@ -138,6 +139,8 @@ enum Command {
     Latency(latency::LatencyArgs),
     /// Write cost: a business transaction with `enqueue` against the same with a hand-written INSERT.
     Write(write::WriteArgs),
+    /// SVG charts (latency distribution, drain throughput per relay count) from `--json` output.
+    Plot(plot::PlotArgs),
     /// Lists (or deletes) schemas, databases, directories and streams left behind by killed runs.
     Leftovers(leftovers::LeftoversArgs),
 }
@@ -183,6 +186,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             })
             .await
         }
+        Command::Plot(args) => plot::run(args, out),
         Command::Leftovers(args) => leftovers::run(&cli.common, args, out).await,
     }
 }
