@@ -37,6 +37,10 @@
 //! # Machine-readable: one JSON object per line on stdout (the table goes to stderr).
 //! cargo run --release -p proclaim-bench -- drain --quick --json
 //!
+//! # Charts (SVG) from JSON lines: the latency distribution and the drain
+//! # throughput per relay count.
+//! cargo run --release -p proclaim-bench -- plot results.jsonl --out-dir docs/bench
+//!
 //! # Schemas and databases (bench_*), SQLite directories (proclaim_bench_*)
 //! # and streams (BENCH_*) left behind by a killed run:
 //! cargo run --release -p proclaim-bench -- leftovers

@@ -120,14 +120,15 @@ fn latency_chart(lines: &[&Value], path: &Path) -> anyhow::Result<()> {
         .margin(16)
         .x_label_area_size(40)
         .y_label_area_size(70)
-        .build_cartesian_2d(-0.05f64..MAX_NINES, (0.05f64..max_ms * 2.0).log_scale())
+        .build_cartesian_2d(0f64..MAX_NINES, (0.05f64..max_ms * 2.0).log_scale())
         .map_err(draw)?;
     chart
         .configure_mesh()
         .x_desc("percentile")
         .y_desc("ms (log scale)")
-        .x_labels(9)
+        .x_labels(MAX_NINES as usize + 1)
         .x_label_formatter(&|x| percentile_label(*x))
+        .y_label_formatter(&|y| format!("{y}"))
         .draw()
         .map_err(draw)?;
     for (i, (label, points)) in series.into_iter().enumerate() {
@@ -207,6 +208,7 @@ fn drain_chart(lines: &[&Value], path: &Path) -> anyhow::Result<()> {
         .y_desc("events/s")
         .x_labels(usize::try_from(max_relays).unwrap_or(8).min(16))
         .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| format!("{y:.0}"))
         .draw()
         .map_err(draw)?;
     for (i, (store, points)) in by_store.iter().enumerate() {
@@ -232,7 +234,7 @@ fn drain_chart(lines: &[&Value], path: &Path) -> anyhow::Result<()> {
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
+        .position(SeriesLabelPosition::MiddleRight)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()
