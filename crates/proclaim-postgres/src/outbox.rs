@@ -21,9 +21,13 @@ use crate::options::PgOutboxOptions;
 use crate::sql::Sql;
 use proclaim_core::store_support::{clip_error, metadata_json};
 
-/// The newest schema version this crate knows; see [`PgOutbox::migrate`].
+/// The schema version this crate needs (`verify_schema` accepts it or
+/// newer); see [`PgOutbox::migrate`]. Later migrations only tune storage.
 pub const SCHEMA_VERSION: i32 = 1;
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../migrations/0001_outbox.sql"))];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("../migrations/0001_outbox.sql")),
+    (2, include_str!("../migrations/0002_fillfactor.sql")),
+];
 
 /// A transactional outbox in a PostgreSQL table.
 ///

@@ -93,6 +93,9 @@ impl Sql {
                         set_config('enable_sort', 'off', true), \
                         pg_advisory_xact_lock({claim_lock})"
             )),
+            // `OFFSET 0` keeps the "no blocking predecessor" check a per-row
+            // probe of (subject, sequence); pulled up into an anti-join, the
+            // planner scanned every pending row once per claim (O(backlog)).
             claim: a(format!(
                 "WITH picked AS ( \
                    SELECT c.sequence FROM {q} c \
@@ -101,7 +104,8 @@ impl Sql {
                      AND NOT EXISTS ( \
                        SELECT 1 FROM {q} p \
                        WHERE p.status = 0 AND p.subject = c.subject AND p.sequence < c.sequence \
-                         AND (p.next_attempt_at > now() OR p.lease_expires_at > now())) \
+                         AND (p.next_attempt_at > now() OR p.lease_expires_at > now()) \
+                       OFFSET 0) \
                    ORDER BY c.sequence \
                    LIMIT $2 \
                    FOR UPDATE OF c SKIP LOCKED), \
