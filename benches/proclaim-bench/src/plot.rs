@@ -132,31 +132,53 @@ fn latency_chart(lines: &[&Value], path: &Path) -> anyhow::Result<()> {
         .draw()
         .map_err(draw)?;
     for (i, (label, points)) in series.into_iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
-        chart
-            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
-            .map_err(draw)?
-            .label(label)
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
-        chart
-            .draw_series(
-                points
-                    .into_iter()
-                    .map(|p| Circle::new(p, 3, color.filled())),
-            )
-            .map_err(draw)?;
+        line_with_points(&mut chart, label, points, Palette99::pick(i).to_rgba())?;
     }
+    finish(&mut chart, SeriesLabelPosition::UpperLeft)?;
+    root.present().map_err(draw)?;
+    Ok(())
+}
+
+/// One series: a line through the points, a dot on each, and a legend entry.
+fn line_with_points<'a, CT>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, CT>,
+    label: String,
+    points: Vec<(f64, f64)>,
+    color: RGBAColor,
+) -> anyhow::Result<()>
+where
+    CT: CoordTranslate<From = (f64, f64)>,
+{
+    chart
+        .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
+        .map_err(draw)?
+        .label(label)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+    chart
+        .draw_series(
+            points
+                .into_iter()
+                .map(|p| Circle::new(p, 3, color.filled())),
+        )
+        .map_err(draw)?;
+    Ok(())
+}
+
+/// The legend box.
+fn finish<'a, CT>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, CT>,
+    position: SeriesLabelPosition,
+) -> anyhow::Result<()>
+where
+    CT: CoordTranslate<From = (f64, f64)>,
+{
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(position)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()
-        .map_err(draw)?;
-    root.present().map_err(draw)?;
-    Ok(())
+        .map_err(draw)
 }
 
 fn percentile_label(nines: f64) -> String {
@@ -220,25 +242,10 @@ fn drain_chart(lines: &[&Value], path: &Path) -> anyhow::Result<()> {
             (format!("{store}: relay"), relay, color),
             (format!("{store}: bound H (same run)"), bound, bound_color),
         ] {
-            chart
-                .draw_series(LineSeries::new(data.clone(), c.stroke_width(2)))
-                .map_err(draw)?
-                .label(label)
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2))
-                });
-            chart
-                .draw_series(data.into_iter().map(|p| Circle::new(p, 4, c.filled())))
-                .map_err(draw)?;
+            line_with_points(&mut chart, label, data, c)?;
         }
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::MiddleRight)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(draw)?;
+    finish(&mut chart, SeriesLabelPosition::MiddleRight)?;
     root.present().map_err(draw)?;
     Ok(())
 }
