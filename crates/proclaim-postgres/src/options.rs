@@ -23,7 +23,7 @@ pub struct PgOutboxOptions {
     /// once (default true). PostgreSQL delivers it only on commit and folds
     /// repeats within one transaction into one.
     pub notify: bool,
-    /// Writers in this process send at most one `NOTIFY` per this window
+    /// Writers sharing this `PgOutbox` (and its clones) send at most one `NOTIFY` per this window
     /// (default 1 ms; 0: every transaction notifies). PostgreSQL serializes the
     /// commits of notifying transactions (a database-wide lock held through
     /// the commit), so under many concurrent writers a window of a
