@@ -131,7 +131,7 @@ impl PgOutbox {
     }
 
     fn build(pool: PgPool, schema: Ident, table: Ident, options: &PgOutboxOptions) -> Self {
-        let sql = Arc::new(Sql::new(&schema, &table, options.notify));
+        let sql = Arc::new(Sql::new(&schema, &table));
         PgOutbox {
             pool,
             schema,

@@ -14,7 +14,8 @@ pub(crate) struct Sql {
     pub(crate) lock_keys: Arc<str>,
     pub(crate) insert_many: Arc<str>,
     pub(crate) notify: Arc<str>,
-    /// `insert_one` without the `NOTIFY`, for debounced writers.
+    /// `insert_one` without the `NOTIFY`: for debounced writers and for
+    /// outboxes with wake-ups turned off.
     pub(crate) insert_one_quiet: Arc<str>,
     pub(crate) claim_setup: Arc<str>,
     pub(crate) claim: Arc<str>,
@@ -31,7 +32,7 @@ pub(crate) struct Sql {
 }
 
 impl Sql {
-    pub(crate) fn new(schema: &Ident, table: &Ident, notify: bool) -> Self {
+    pub(crate) fn new(schema: &Ident, table: &Ident) -> Self {
         let (s, t) = (schema.as_str(), table.as_str());
         let q = format!(r#""{s}"."{t}""#);
         let mut channel = format!("proclaim_{s}_{t}");
@@ -40,12 +41,16 @@ impl Sql {
         }
         let lock_class = fnv1a(&["proclaim", s, t]);
         let claim_lock = (i64::from(lock_class) << 32) | 0x636c_6169;
-        let notify_cte = if notify {
-            format!(", wake AS (SELECT pg_notify('{channel}', ''))")
-        } else {
-            String::new()
+        // One `INSERT` with the subject's advisory lock, with or without a
+        // `NOTIFY` in the same statement.
+        let insert_one = |wake_cte: &str, wake_from: &str| -> Arc<str> {
+            format!(
+                "WITH key_lock AS (SELECT pg_advisory_xact_lock({lock_class}, $10)){wake_cte} \
+                 INSERT INTO {q} ({COLUMNS}) \
+                 SELECT $1, $2, $3, $4, $5, $6, $7, $8::json, $9::jsonb FROM key_lock{wake_from}"
+            )
+            .into()
         };
-        let notify_from = if notify { ", wake" } else { "" };
         let returning = "o.sequence, o.id, o.event_type, o.source, o.subject, o.event_time, \
              o.datacontenttype, o.dataschema, o.data::text, o.metadata::text, o.attempts, o.created_at";
         let a = |sql: String| -> Arc<str> { sql.into() };
@@ -55,16 +60,11 @@ impl Sql {
         let async_commit =
             "WITH async_commit AS (SELECT set_config('synchronous_commit', 'off', true))";
         Sql {
-            insert_one: a(format!(
-                "WITH key_lock AS (SELECT pg_advisory_xact_lock({lock_class}, $10)){notify_cte} \
-                 INSERT INTO {q} ({COLUMNS}) \
-                 SELECT $1, $2, $3, $4, $5, $6, $7, $8::json, $9::jsonb FROM key_lock{notify_from}"
-            )),
-            insert_one_quiet: a(format!(
-                "WITH key_lock AS (SELECT pg_advisory_xact_lock({lock_class}, $10)) \
-                 INSERT INTO {q} ({COLUMNS}) \
-                 SELECT $1, $2, $3, $4, $5, $6, $7, $8::json, $9::jsonb FROM key_lock"
-            )),
+            insert_one: insert_one(
+                &format!(", wake AS (SELECT pg_notify('{channel}', ''))"),
+                ", wake",
+            ),
+            insert_one_quiet: insert_one("", ""),
             lock_keys: a(format!(
                 "SELECT count(*) FROM (SELECT pg_advisory_xact_lock({lock_class}, k) \
                  FROM unnest($1::int4[]) AS u(k)) AS locks"
