@@ -176,18 +176,20 @@ pub(crate) async fn inject(
             tokio::time::sleep(hold).await;
             relay.set_paused(false);
         }
-        (FaultKind::DbDrop | FaultKind::BrokerDrop, Some(proxy)) => {
+        (
+            FaultKind::DbDrop | FaultKind::BrokerDrop | FaultKind::DbReset | FaultKind::BrokerReset,
+            Some(proxy),
+        ) => {
+            let clean = matches!(kind, FaultKind::DbDrop | FaultKind::BrokerDrop);
             // Cut twice: the live connections, then the ones made since.
-            proxy.drop_all();
-            tokio::time::sleep(hold / 2).await;
-            proxy.drop_all();
-            tokio::time::sleep(hold / 2).await;
-        }
-        (FaultKind::DbReset | FaultKind::BrokerReset, Some(proxy)) => {
-            proxy.reset_all();
-            tokio::time::sleep(hold / 2).await;
-            proxy.reset_all();
-            tokio::time::sleep(hold / 2).await;
+            for _ in 0..2 {
+                if clean {
+                    proxy.drop_all();
+                } else {
+                    proxy.reset_all();
+                }
+                tokio::time::sleep(hold / 2).await;
+            }
         }
         (_, Some(proxy)) => {
             let mode = match kind {
