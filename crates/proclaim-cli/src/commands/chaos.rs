@@ -1,7 +1,6 @@
 use std::io::Write;
 
 use anyhow::{Context, bail};
-use proclaim_chaos::faults::FaultKind;
 use proclaim_chaos::scenario::{ChaosConfig, run as run_chaos};
 
 use crate::InputError;
@@ -35,8 +34,6 @@ pub(crate) async fn run(settings: &StoreSettings, args: ChaosArgs) -> anyhow::Re
     config.abort_ratio = args.abort_ratio;
     if !args.faults.is_empty() {
         config.faults = args.faults;
-    } else {
-        config.faults = FaultKind::ALL.to_vec();
     }
     config.fault_hold = args.fault_hold;
     config.lease = args.lease;
