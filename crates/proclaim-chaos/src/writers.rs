@@ -65,12 +65,7 @@ pub(crate) async fn write(
         if w == 0 && next_poison.is_some_and(|t| Instant::now() >= t) {
             next_poison = config.poison_every.map(|p| Instant::now() + p);
             let id = Uuid::now_v7();
-            match sqlx::query(AssertSqlSafe(poison_sql.clone()))
-                .bind(id)
-                .bind(key)
-                .execute(outbox.pool())
-                .await
-            {
+            match poison(&outbox, &poison_sql, id, key).await {
                 Ok(_) => log.poison.push(id),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot write a poison row");
@@ -93,6 +88,24 @@ pub(crate) async fn write(
             }
         }
     }
+}
+
+/// A malformed row, written by hand as a buggy writer might, under the
+/// subject lock a hand-written row must take.
+async fn poison(outbox: &PgOutbox, sql: &str, id: Uuid, key: &str) -> Result<(), ChaosError> {
+    let err = |e: &dyn std::fmt::Display| ChaosError::Database(e.to_string());
+    let mut tx = outbox.pool().begin().await.map_err(|e| err(&e))?;
+    outbox
+        .lock_subject(&mut tx, key)
+        .await
+        .map_err(|e| err(&e))?;
+    sqlx::query(AssertSqlSafe(sql.to_owned()))
+        .bind(id)
+        .bind(key)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| err(&e))?;
+    tx.commit().await.map_err(|e| err(&e))
 }
 
 /// The business write and its events in one transaction.

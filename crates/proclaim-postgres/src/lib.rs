@@ -17,6 +17,7 @@
 //! plain SQL identifiers.
 
 mod error;
+mod floor;
 mod ident;
 mod options;
 mod outbox;

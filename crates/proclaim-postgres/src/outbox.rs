@@ -16,6 +16,7 @@ use sqlx::{AssertSqlSafe, PgConnection, Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use crate::error::classify;
+use crate::floor::{ClaimFloor, Observation};
 use crate::ident::{Ident, fnv1a};
 use crate::options::PgOutboxOptions;
 use crate::sql::Sql;
@@ -64,6 +65,7 @@ pub struct PgOutbox {
     table: Ident,
     notify: bool,
     debounce: Arc<NotifyDebounce>,
+    floor: Arc<ClaimFloor>,
     sql: Arc<Sql>,
 }
 
@@ -138,6 +140,7 @@ impl PgOutbox {
             table,
             notify: options.notify,
             debounce: Arc::new(NotifyDebounce::new(options.notify_debounce)),
+            floor: Arc::new(ClaimFloor::new()),
             sql,
         }
     }
@@ -155,6 +158,16 @@ impl PgOutbox {
     /// The `LISTEN` channel writers notify.
     pub fn channel(&self) -> &str {
         &self.sql.channel
+    }
+
+    /// The claim floor: this value's claims only look at sequences at or
+    /// above it, because no event below it is pending or can become pending
+    /// (a diagnostic; 0 until the first probes settle). It is what keeps a
+    /// claim's cost independent of the dead rows a drain leaves behind when
+    /// vacuum does not run; the design is in the README under "How the relay
+    /// works".
+    pub fn claim_floor(&self) -> i64 {
+        self.floor.current()
     }
 
     /// Creates the schema, the outbox table and its indexes, or brings them
@@ -316,6 +329,25 @@ impl PgOutbox {
         Ok(())
     }
 
+    /// Takes the subject's write lock in the caller's transaction, as
+    /// [`enqueue`](PgOutbox::enqueue) does; it is held until the transaction
+    /// ends. Needed only for rows written into the outbox table by hand
+    /// (your own `INSERT` or `COPY`): take it before the insert, so such rows
+    /// keep per-subject order and the relay's claim floor sees the writer.
+    pub async fn lock_subject(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        subject: &str,
+    ) -> Result<(), StoreError> {
+        let conn: &mut PgConnection = tx;
+        sqlx::query(AssertSqlSafe(self.sql.lock_key.clone()))
+            .bind(self.key_lock(subject))
+            .execute(conn)
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
     fn key_lock(&self, subject: &str) -> i32 {
         fnv1a(&[subject])
     }
@@ -423,6 +455,42 @@ impl PgOutbox {
     }
 }
 
+impl PgOutbox {
+    /// One floor probe, in the claim's transaction before it takes any row:
+    /// the sequence's last value, then the writers holding a subject lock,
+    /// then (a new statement, so a new snapshot) the lowest pending row.
+    async fn probe_floor(
+        &self,
+        conn: &mut PgConnection,
+        now: std::time::Instant,
+    ) -> Result<(), StoreError> {
+        let last_sequence: i64 = sqlx::query_scalar(AssertSqlSafe(self.sql.last_sequence.clone()))
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(classify)?;
+        let writers: Vec<String> =
+            sqlx::query_scalar(AssertSqlSafe(self.sql.floor_writers.clone()))
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(classify)?;
+        let min_pending: Option<i64> =
+            sqlx::query_scalar(AssertSqlSafe(self.sql.floor_probe.clone()))
+                .bind(self.floor.current())
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(classify)?;
+        self.floor.record(
+            Observation {
+                last_sequence,
+                writers,
+                min_pending,
+            },
+            now,
+        );
+        Ok(())
+    }
+}
+
 fn decode_row(row: &PgRow) -> Result<OutboxRecord, (i64, String)> {
     let sequence: i64 = row.try_get(0).map_err(|e| (0, e.to_string()))?;
     let bad = |e: String| (sequence, e);
@@ -464,10 +532,15 @@ impl OutboxStore for PgOutbox {
             .execute(&mut *tx)
             .await
             .map_err(classify)?;
+        let now = std::time::Instant::now();
+        if self.floor.probe_due(now) {
+            self.probe_floor(&mut tx, now).await?;
+        }
         let rows = sqlx::query(AssertSqlSafe(self.sql.claim.clone()))
             .bind(token.0)
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
             .bind(lease.as_secs_f64())
+            .bind(self.floor.current())
             .fetch_all(&mut *tx)
             .await
             .map_err(classify)?;

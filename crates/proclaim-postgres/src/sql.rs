@@ -19,6 +19,15 @@ pub(crate) struct Sql {
     pub(crate) insert_one_quiet: Arc<str>,
     pub(crate) claim_setup: Arc<str>,
     pub(crate) claim: Arc<str>,
+    /// The identity sequence's last value; read before `floor_probe`.
+    pub(crate) last_sequence: Arc<str>,
+    /// The transactions holding a subject lock; read after `last_sequence`.
+    pub(crate) floor_writers: Arc<str>,
+    /// The lowest pending sequence at or above `$1`; read after
+    /// `floor_writers` (see [`crate::floor`]).
+    pub(crate) floor_probe: Arc<str>,
+    /// One subject lock: `$1` is the key.
+    pub(crate) lock_key: Arc<str>,
     pub(crate) delete_published: Arc<str>,
     pub(crate) mark_published: Arc<str>,
     pub(crate) retry: Arc<str>,
@@ -41,8 +50,11 @@ impl Sql {
         }
         let lock_class = fnv1a(&["proclaim", s, t]);
         let claim_lock = (i64::from(lock_class) << 32) | 0x636c_6169;
+        // pg_locks shows an advisory lock's first key as an unsigned oid.
+        let lock_oid = lock_class as u32;
         // One `INSERT` with the subject's advisory lock, with or without a
-        // `NOTIFY` in the same statement.
+        // `NOTIFY` in the same statement. The lock is taken before the
+        // identity value is drawn (see `crate::floor`).
         let insert_one = |wake_cte: &str, wake_from: &str| -> Arc<str> {
             format!(
                 "WITH key_lock AS (SELECT pg_advisory_xact_lock({lock_class}, $10)){wake_cte} \
@@ -99,11 +111,12 @@ impl Sql {
             claim: a(format!(
                 "WITH picked AS ( \
                    SELECT c.sequence FROM {q} c \
-                   WHERE c.status = 0 AND c.next_attempt_at <= now() \
+                   WHERE c.status = 0 AND c.sequence >= $4 AND c.next_attempt_at <= now() \
                      AND (c.lease_expires_at IS NULL OR c.lease_expires_at <= now()) \
                      AND NOT EXISTS ( \
                        SELECT 1 FROM {q} p \
-                       WHERE p.status = 0 AND p.subject = c.subject AND p.sequence < c.sequence \
+                       WHERE p.status = 0 AND p.subject = c.subject \
+                         AND p.sequence >= $4 AND p.sequence < c.sequence \
                          AND (p.next_attempt_at > now() OR p.lease_expires_at > now()) \
                        OFFSET 0) \
                    ORDER BY c.sequence \
@@ -113,7 +126,8 @@ impl Sql {
                    SELECT k.sequence FROM picked k JOIN {q} c ON c.sequence = k.sequence \
                    WHERE NOT EXISTS ( \
                      SELECT 1 FROM {q} p \
-                     WHERE p.status = 0 AND p.subject = c.subject AND p.sequence < c.sequence \
+                     WHERE p.status = 0 AND p.subject = c.subject \
+                       AND p.sequence >= $4 AND p.sequence < c.sequence \
                        AND NOT EXISTS (SELECT 1 FROM picked x WHERE x.sequence = p.sequence))) \
                  UPDATE {q} o SET lease_token = $1, \
                      lease_expires_at = now() + make_interval(secs => $3::float8), \
@@ -121,6 +135,22 @@ impl Sql {
                  FROM heads WHERE o.sequence = heads.sequence \
                  RETURNING {returning}"
             )),
+            last_sequence: a(format!(
+                "SELECT coalesce(pg_sequence_last_value( \
+                   pg_get_serial_sequence('{q}', 'sequence')::regclass), 0)"
+            )),
+            // Subject locks are (class, key) pairs: objsubid 2. The claim
+            // lock is one bigint in the same class (objsubid 1).
+            floor_writers: a(format!(
+                "SELECT coalesce(array_agg(DISTINCT virtualtransaction::text \
+                   ORDER BY virtualtransaction::text), '{{}}') \
+                 FROM pg_locks WHERE locktype = 'advisory' AND granted \
+                   AND classid = {lock_oid}::oid AND objsubid = 2"
+            )),
+            floor_probe: a(format!(
+                "SELECT min(sequence) FROM {q} WHERE status = 0 AND sequence >= $1"
+            )),
+            lock_key: a(format!("SELECT pg_advisory_xact_lock({lock_class}, $1)")),
             delete_published: a(format!(
                 "{async_commit} DELETE FROM {q} USING async_commit \
                  WHERE sequence = ANY($1) AND lease_token = $2"
@@ -162,10 +192,17 @@ impl Sql {
                 "SELECT sequence, id, event_type, subject, attempts, coalesce(last_error, ''), dead_lettered_at \
                  FROM {q} WHERE status = 2 ORDER BY sequence LIMIT $1"
             )),
+            // Replay re-inserts each event with a new sequence (in its old
+            // order) rather than reopening the row: a claim floor may already
+            // have passed the old one. Like a writer, it holds a subject lock
+            // (key 0, shared) while it draws sequences (see `crate::floor`).
             replay: a(format!(
-                "UPDATE {q} SET status = 0, attempts = 0, next_attempt_at = '-infinity', \
-                     dead_lettered_at = NULL \
-                 WHERE status = 2 AND ($1::uuid[] IS NULL OR id = ANY($1))"
+                "WITH writer AS MATERIALIZED (SELECT pg_advisory_xact_lock_shared({lock_class}, 0)), \
+                 moved AS ( \
+                   DELETE FROM {q} WHERE status = 2 AND ($1::uuid[] IS NULL OR id = ANY($1)) \
+                   RETURNING sequence, {COLUMNS}, created_at) \
+                 INSERT INTO {q} ({COLUMNS}, created_at) \
+                 SELECT {COLUMNS}, created_at FROM writer, moved ORDER BY moved.sequence"
             )),
             schema_version: a(format!(
                 r#"SELECT max(version) FROM "{s}"."{t}_migrations""#

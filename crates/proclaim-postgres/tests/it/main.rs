@@ -268,3 +268,113 @@ async fn a_locked_predecessor_still_blocks_its_subject() {
     let claimed = other.claim(LeaseToken::new(), 100, LEASE).await.unwrap();
     assert_eq!(numbers(&claimed), vec![1, 2]);
 }
+
+/// Writes one event of subject "k", claims it and deletes it as published,
+/// with a pause first so the claim runs a floor probe.
+async fn deliver_one(outbox: &PgOutbox, n: u64) {
+    write(outbox, &[event("k", n)]).await;
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let token = LeaseToken::new();
+    let batch = outbox.claim(token, 100, LEASE).await.unwrap();
+    assert_eq!(numbers(&batch), vec![n]);
+    let outcome = proclaim_core::BatchOutcome {
+        published: batch.records.iter().map(|r| r.sequence).collect(),
+        ..Default::default()
+    };
+    outbox
+        .complete(token, &outcome, proclaim_core::AckMode::Delete)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn the_claim_floor_waits_for_a_transaction_that_commits_late() {
+    let ts = TestSchema::new().await;
+    let outbox = outbox(&ts).await;
+    // A transaction takes the lowest sequence and stays open while later
+    // events are written and delivered.
+    let mut late = ts.pool.begin().await.unwrap();
+    outbox.enqueue(&mut late, &event("late", 0)).await.unwrap();
+    for n in 1..=5 {
+        deliver_one(&outbox, n).await;
+    }
+    assert_eq!(
+        outbox.claim_floor(),
+        0,
+        "the floor must not pass a sequence a running transaction holds"
+    );
+    late.commit().await.unwrap();
+    let token = LeaseToken::new();
+    let batch = outbox.claim(token, 100, LEASE).await.unwrap();
+    assert_eq!(numbers(&batch), vec![0], "the late commit is delivered");
+    let outcome = proclaim_core::BatchOutcome {
+        published: vec![batch.records[0].sequence],
+        ..Default::default()
+    };
+    outbox
+        .complete(token, &outcome, proclaim_core::AckMode::Delete)
+        .await
+        .unwrap();
+    // Control: once nothing below is pending or running, the floor rises
+    // past every delivered row.
+    for n in 6..=10 {
+        deliver_one(&outbox, n).await;
+    }
+    assert!(
+        outbox.claim_floor() > batch.records[0].sequence,
+        "floor {} should have passed the late row {}",
+        outbox.claim_floor(),
+        batch.records[0].sequence
+    );
+}
+
+#[tokio::test]
+async fn a_dead_letter_replayed_after_the_floor_passed_it_is_claimed() {
+    let ts = TestSchema::new().await;
+    let outbox = outbox(&ts).await;
+    write(&outbox, &[event("d", 0)]).await;
+    let token = LeaseToken::new();
+    let batch = outbox.claim(token, 100, LEASE).await.unwrap();
+    let dead_sequence = batch.records[0].sequence;
+    let outcome = proclaim_core::BatchOutcome {
+        dead: vec![proclaim_core::DeadLetter {
+            sequence: dead_sequence,
+            error: "poison".into(),
+        }],
+        ..Default::default()
+    };
+    outbox
+        .complete(token, &outcome, proclaim_core::AckMode::Delete)
+        .await
+        .unwrap();
+    for n in 1..=5 {
+        deliver_one(&outbox, n).await;
+    }
+    assert!(outbox.claim_floor() > dead_sequence, "the floor moved on");
+    assert_eq!(outbox.replay_dead_letters(None).await.unwrap(), 1);
+    let replayed = outbox.claim(LeaseToken::new(), 100, LEASE).await.unwrap();
+    assert_eq!(numbers(&replayed), vec![0]);
+    assert!(replayed.records[0].sequence > dead_sequence, "re-sequenced");
+    assert!(outbox.dead_letters(10).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_restarted_sequence_resets_the_claim_floor() {
+    let ts = TestSchema::new().await;
+    let outbox = outbox(&ts).await;
+    for n in 1..=5 {
+        deliver_one(&outbox, n).await;
+    }
+    assert!(outbox.claim_floor() > 1);
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        r#"TRUNCATE "{}".outbox RESTART IDENTITY"#,
+        ts.name
+    )))
+    .execute(&ts.pool)
+    .await
+    .unwrap();
+    write(&outbox, &[event("k", 6)]).await;
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let batch = outbox.claim(LeaseToken::new(), 100, LEASE).await.unwrap();
+    assert_eq!(numbers(&batch), vec![6]);
+}
