@@ -33,6 +33,7 @@ pub(crate) struct Env {
 }
 
 /// A JetStream stream of the scenario (file storage), capturing `<prefix>.>`.
+#[derive(Clone)]
 pub(crate) struct BenchStream {
     pub(crate) name: String,
     pub(crate) prefix: String,
@@ -78,6 +79,25 @@ impl Env {
     /// Creates the stream `BENCH_<SUFFIX>_<ROLE>` (file storage, the
     /// publisher's default duplicate window), deleted by [`Env::cleanup`].
     pub(crate) async fn create_stream(&self, role: &str) -> anyhow::Result<BenchStream> {
+        self.create_stream_keeping(role, -1).await
+    }
+
+    /// Like [`Env::create_stream`], but the stream keeps only the newest
+    /// `max_messages` messages (for long runs; count with
+    /// [`BenchStream::delivered`]).
+    pub(crate) async fn create_capped_stream(
+        &self,
+        role: &str,
+        max_messages: i64,
+    ) -> anyhow::Result<BenchStream> {
+        self.create_stream_keeping(role, max_messages).await
+    }
+
+    async fn create_stream_keeping(
+        &self,
+        role: &str,
+        max_messages: i64,
+    ) -> anyhow::Result<BenchStream> {
         let name = format!("{STREAM_PREFIX}{}_{}", self.suffix, role).to_uppercase();
         let prefix = format!("{SCHEMA_PREFIX}{}_{}", self.suffix, role).to_lowercase();
         // Registered before it exists, so a half-done creation is cleaned up too.
@@ -92,6 +112,7 @@ impl Env {
                 subjects: vec![format!("{prefix}.>")],
                 storage: stream::StorageType::File,
                 duplicate_window: DUPLICATE_WINDOW,
+                max_messages,
                 ..Default::default()
             })
             .await
@@ -142,6 +163,17 @@ impl BenchStream {
             .await
             .with_context(|| format!("stream info of {}", self.name))?;
         Ok(info.state.messages)
+    }
+
+    /// Messages ever stored (the stream's last sequence): unlike
+    /// [`BenchStream::count`], not capped by the stream's limit.
+    pub(crate) async fn delivered(&self) -> anyhow::Result<u64> {
+        let info = self
+            .stream
+            .get_info()
+            .await
+            .with_context(|| format!("stream info of {}", self.name))?;
+        Ok(info.state.last_sequence)
     }
 
     /// Removes every message (between runs; not timed).

@@ -26,6 +26,10 @@
 //! # INSERT of the same outbox row (and the donor insert alone), 1 and 16 writers.
 //! cargo run --release -p proclaim-bench -- write --writers 1,16 --seconds 5 --runs 5
 //!
+//! # Sustained drain with autovacuum off: 10 minutes at full speed on a
+//! # backlog kept topped up, throughput per minute, last minute / first.
+//! cargo run --release -p proclaim-bench -- soak --duration 10m --window 1m
+//!
 //! # Smoke tests for CI (a few seconds each):
 //! cargo run --release -p proclaim-bench -- drain --quick
 //! cargo run --release -p proclaim-bench -- drain --quick --store sqlite
@@ -33,6 +37,7 @@
 //! cargo run --release -p proclaim-bench -- latency --quick
 //! cargo run --release -p proclaim-bench -- latency --quick --no-wakeup
 //! cargo run --release -p proclaim-bench -- write --quick
+//! cargo run --release -p proclaim-bench -- soak --quick
 //!
 //! # Machine-readable: one JSON object per line on stdout (the table goes to stderr).
 //! cargo run --release -p proclaim-bench -- drain --quick --json
@@ -69,6 +74,7 @@ mod latency;
 mod leftovers;
 mod output;
 mod plot;
+mod soak;
 mod stats;
 mod write;
 
@@ -143,6 +149,8 @@ enum Command {
     Latency(latency::LatencyArgs),
     /// Write cost: a business transaction with `enqueue` against the same with a hand-written INSERT.
     Write(write::WriteArgs),
+    /// Sustained drain: the relay at full speed for minutes on a backlog kept topped up, rate per window.
+    Soak(soak::SoakArgs),
     /// SVG charts (latency distribution, drain throughput per relay count) from `--json` output.
     Plot(plot::PlotArgs),
     /// Lists (or deletes) schemas, databases, directories and streams left behind by killed runs.
@@ -187,6 +195,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Write(args) => {
             with_env("write", &cli.common, StoreKind::Postgres, move |env| {
                 write::run(env, args, out)
+            })
+            .await
+        }
+        Command::Soak(args) => {
+            with_env("soak", &cli.common, StoreKind::Postgres, move |env| {
+                soak::run(env, args, out)
             })
             .await
         }

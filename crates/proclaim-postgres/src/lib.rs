@@ -12,6 +12,11 @@
 //!   relays: writers of a subject are serialized by an advisory lock, and a
 //!   claim never takes an event while an earlier one of its subject is leased
 //!   or waiting for a retry.
+//! - A claim's cost does not grow with the dead rows a drain leaves behind
+//!   when vacuum does not run: claims start at a *claim floor*, below which
+//!   nothing is or can become pending ([`PgOutbox::claim_floor`]; the
+//!   argument is in the `floor` module's source). Rows written into the
+//!   table by hand must take [`PgOutbox::lock_subject`] first.
 //!
 //! Schema and table are configurable ([`PgOutboxOptions`]) and validated as
 //! plain SQL identifiers.

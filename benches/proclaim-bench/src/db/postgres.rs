@@ -12,7 +12,8 @@ use tokio::time::Instant;
 use super::{BenchDb, SCHEMA_PREFIX, within};
 
 /// The scenario's schema, and a pool for writers, baselines and checks (not
-/// used by the relay).
+/// used by the relay). Clones share the pool.
+#[derive(Clone)]
 pub(crate) struct PgDb {
     pub(crate) database_url: String,
     pub(crate) pool: PgPool,
@@ -91,6 +92,19 @@ impl PgDb {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    /// The outbox's dead tuples (as the statistics last counted them) and
+    /// its size on disk with indexes, in bytes.
+    pub(crate) async fn dead_tuples(&self) -> anyhow::Result<(i64, i64)> {
+        let sql = format!(
+            "SELECT coalesce(n_dead_tup, 0), pg_total_relation_size(relid) \
+             FROM pg_stat_user_tables WHERE relid = '{}'::regclass",
+            self.table()
+        );
+        Ok(sqlx::query_as(AssertSqlSafe(sql))
+            .fetch_one(&self.pool)
+            .await?)
     }
 
     /// Drops the schema and closes the pool.
