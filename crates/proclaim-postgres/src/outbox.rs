@@ -593,10 +593,17 @@ impl OutboxStore for PgOutbox {
     }
 
     async fn stats(&self) -> Result<OutboxStats, StoreError> {
-        let row = sqlx::query(AssertSqlSafe(self.sql.stats.clone()))
-            .fetch_one(&self.pool)
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        sqlx::query(AssertSqlSafe(self.sql.stats_setup.clone()))
+            .execute(&mut *tx)
             .await
             .map_err(classify)?;
+        let row = sqlx::query(AssertSqlSafe(self.sql.stats.clone()))
+            .bind(self.floor.current())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
         let get = |i: usize| -> Result<u64, StoreError> {
             let v: i64 = row.try_get(i).map_err(classify)?;
             Ok(v.max(0) as u64)
