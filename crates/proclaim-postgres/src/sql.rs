@@ -115,9 +115,10 @@ impl Sql {
                         set_config('plan_cache_mode', 'force_generic_plan', true), \
                         pg_advisory_xact_lock({claim_lock})"
             )),
-            // `OFFSET 0` keeps the "no blocking predecessor" check a per-row
-            // probe of (subject, sequence); pulled up into an anti-join, the
-            // planner scanned every pending row once per claim (O(backlog)).
+            // `OFFSET 0` keeps both "no blocking predecessor" checks per-row
+            // probes of (subject, sequence); pulled up into anti-joins, the
+            // planner scanned (or hashed) every pending row once per claim:
+            // O(backlog), 1.7 s per claim on a 1,000,000-event backlog.
             claim: a(format!(
                 "WITH picked AS ( \
                    SELECT c.sequence FROM {q} c \
@@ -138,7 +139,8 @@ impl Sql {
                      SELECT 1 FROM {q} p \
                      WHERE p.status = 0 AND p.subject = c.subject \
                        AND p.sequence >= $4 AND p.sequence < c.sequence \
-                       AND NOT EXISTS (SELECT 1 FROM picked x WHERE x.sequence = p.sequence))) \
+                       AND NOT EXISTS (SELECT 1 FROM picked x WHERE x.sequence = p.sequence) \
+                     OFFSET 0)) \
                  UPDATE {q} o SET lease_token = $1, \
                      lease_expires_at = now() + make_interval(secs => $3::float8), \
                      attempts = o.attempts + 1 \
