@@ -46,6 +46,10 @@ pub struct RelayConfig {
     /// turns it off). Writers that debounce their `NOTIFY` (see the
     /// PostgreSQL store's `notify_debounce`) rely on it: their commits right
     /// after a notifying one are picked up then instead of at the next poll.
+    /// After a claim that was not full the relay also claims again this much
+    /// later, doubling the delay with each claim that finds nothing (six at
+    /// most): events held back behind another relay's in-flight events of
+    /// their subject are taken as soon as those are acked.
     #[serde(with = "crate::duration::human")]
     pub wakeup_followup: Duration,
     /// How long a claim holds its events (default 30 s). A relay that dies

@@ -196,6 +196,8 @@ async fn run_loop<S: OutboxStore, P: Publisher>(
     let mut next_stats = Instant::now();
     // A claim due shortly after the last burst of wake-ups.
     let mut followup_at: Option<tokio::time::Instant> = None;
+    // Claims in a row that found nothing, since the last that found something.
+    let mut empty_claims = 0u32;
     info!(
         batch_size = config.batch_size,
         lease = ?config.lease,
@@ -250,6 +252,15 @@ async fn run_loop<S: OutboxStore, P: Publisher>(
                     }
                     outage_failures = 0;
                     debug!(claimed = batch.len(), elapsed = ?claimed_at.elapsed(), "claim");
+                    empty_claims = if batch.is_empty() {
+                        empty_claims.saturating_add(1)
+                    } else {
+                        0
+                    };
+                    if batch.len() < config.batch_size && followup_at.is_none() {
+                        followup_at = busy_followup(&config, empty_claims)
+                            .map(|delay| tokio::time::Instant::now() + delay);
+                    }
                     if !batch.is_empty() {
                         claimed_full = batch.len() >= config.batch_size;
                         shared.counters.batches.fetch_add(1, Ordering::Relaxed);
@@ -365,6 +376,25 @@ async fn pause(shutdown: &CancellationToken, delay: Duration) {
         _ = shutdown.cancelled() => {}
         _ = tokio::time::sleep(delay) => {}
     }
+}
+
+/// When to claim again after a claim that was not full, although nothing
+/// woke the relay: events may be waiting behind another relay's in-flight
+/// events of their subject, or a debounced writer did not notify. Right
+/// after work, soon (`wakeup_followup`); each empty claim doubles the delay,
+/// and after six of them only wake-ups and the poll interval remain, so an
+/// idle relay costs nothing extra.
+fn busy_followup(config: &RelayConfig, empty_claims: u32) -> Option<Duration> {
+    const MAX_EMPTY: u32 = 6;
+    if config.wakeup_followup.is_zero() || empty_claims > MAX_EMPTY {
+        return None;
+    }
+    Some(
+        config
+            .wakeup_followup
+            .saturating_mul(1 << empty_claims)
+            .min(config.poll_interval),
+    )
 }
 
 async fn process_batch<S: OutboxStore, P: Publisher>(
@@ -675,6 +705,25 @@ mod tests {
             records,
             malformed: Vec::new(),
         }
+    }
+
+    #[test]
+    fn after_a_claim_that_was_not_full_the_relay_claims_again_soon_then_less_often() {
+        let config = RelayConfig::default()
+            .with_wakeup_followup(Duration::from_millis(10))
+            .with_poll_interval(Duration::from_millis(500));
+        let delay = |empty| busy_followup(&config, empty);
+        assert_eq!(delay(0), Some(Duration::from_millis(10)), "after work");
+        assert_eq!(delay(1), Some(Duration::from_millis(20)));
+        assert_eq!(delay(5), Some(Duration::from_millis(320)));
+        assert_eq!(
+            delay(6),
+            Some(Duration::from_millis(500)),
+            "capped at the poll"
+        );
+        assert_eq!(delay(7), None, "idle: wake-ups and polls only");
+        let off = config.clone().with_wakeup_followup(Duration::ZERO);
+        assert_eq!(busy_followup(&off, 0), None);
     }
 
     fn config() -> RelayConfig {
