@@ -258,7 +258,7 @@ async fn run_loop<S: OutboxStore, P: Publisher>(
                         0
                     };
                     if batch.len() < config.batch_size && followup_at.is_none() {
-                        followup_at = busy_followup(&config, empty_claims)
+                        followup_at = busy_followup(config, empty_claims)
                             .map(|delay| tokio::time::Instant::now() + delay);
                     }
                     if !batch.is_empty() {
