@@ -157,23 +157,22 @@ impl Env {
 impl BenchStream {
     /// Messages the stream holds now.
     pub(crate) async fn count(&self) -> anyhow::Result<u64> {
-        let info = self
-            .stream
-            .get_info()
-            .await
-            .with_context(|| format!("stream info of {}", self.name))?;
-        Ok(info.state.messages)
+        Ok(self.state().await?.messages)
     }
 
     /// Messages ever stored (the stream's last sequence): unlike
     /// [`BenchStream::count`], not capped by the stream's limit.
     pub(crate) async fn delivered(&self) -> anyhow::Result<u64> {
+        Ok(self.state().await?.last_sequence)
+    }
+
+    async fn state(&self) -> anyhow::Result<stream::State> {
         let info = self
             .stream
             .get_info()
             .await
             .with_context(|| format!("stream info of {}", self.name))?;
-        Ok(info.state.last_sequence)
+        Ok(info.state)
     }
 
     /// Removes every message (between runs; not timed).

@@ -274,9 +274,14 @@ async fn a_locked_predecessor_still_blocks_its_subject() {
 async fn deliver_one(outbox: &PgOutbox, n: u64) {
     write(outbox, &[event("k", n)]).await;
     tokio::time::sleep(Duration::from_millis(30)).await;
+    let batch = claim_and_ack(outbox).await;
+    assert_eq!(numbers(&batch), vec![n]);
+}
+
+/// Claims what is due and deletes it as published; returns the batch.
+async fn claim_and_ack(outbox: &PgOutbox) -> proclaim_core::ClaimedBatch {
     let token = LeaseToken::new();
     let batch = outbox.claim(token, 100, LEASE).await.unwrap();
-    assert_eq!(numbers(&batch), vec![n]);
     let outcome = proclaim_core::BatchOutcome {
         published: batch.records.iter().map(|r| r.sequence).collect(),
         ..Default::default()
@@ -285,6 +290,7 @@ async fn deliver_one(outbox: &PgOutbox, n: u64) {
         .complete(token, &outcome, proclaim_core::AckMode::Delete)
         .await
         .unwrap();
+    batch
 }
 
 #[tokio::test]
@@ -304,17 +310,8 @@ async fn the_claim_floor_waits_for_a_transaction_that_commits_late() {
         "the floor must not pass a sequence a running transaction holds"
     );
     late.commit().await.unwrap();
-    let token = LeaseToken::new();
-    let batch = outbox.claim(token, 100, LEASE).await.unwrap();
+    let batch = claim_and_ack(&outbox).await;
     assert_eq!(numbers(&batch), vec![0], "the late commit is delivered");
-    let outcome = proclaim_core::BatchOutcome {
-        published: vec![batch.records[0].sequence],
-        ..Default::default()
-    };
-    outbox
-        .complete(token, &outcome, proclaim_core::AckMode::Delete)
-        .await
-        .unwrap();
     // Control: once nothing below is pending or running, the floor rises
     // past every delivered row.
     for n in 6..=10 {
