@@ -154,8 +154,7 @@ impl Sql {
             // Subject locks are (class, key) pairs: objsubid 2. The claim
             // lock is one bigint in the same class (objsubid 1).
             floor_writers: a(format!(
-                "SELECT coalesce(array_agg(DISTINCT virtualtransaction::text \
-                   ORDER BY virtualtransaction::text), '{{}}') \
+                "SELECT coalesce(array_agg(DISTINCT virtualtransaction::text), '{{}}') \
                  FROM pg_locks WHERE locktype = 'advisory' AND granted \
                    AND classid = {lock_oid}::oid AND objsubid = 2"
             )),
