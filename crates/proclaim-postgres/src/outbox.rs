@@ -296,11 +296,7 @@ impl PgOutbox {
         let mut keys: Vec<i32> = events.iter().map(|e| self.key_lock(e.subject())).collect();
         keys.sort_unstable();
         keys.dedup();
-        sqlx::query(AssertSqlSafe(self.sql.lock_keys.clone()))
-            .bind(keys)
-            .execute(&mut *conn)
-            .await
-            .map_err(classify)?;
+        self.lock_keys(&mut *conn, keys).await?;
         let col = |f: fn(&Event) -> String| events.iter().map(f).collect::<Vec<_>>();
         sqlx::query(AssertSqlSafe(self.sql.insert_many.clone()))
             .bind(events.iter().map(Event::id).collect::<Vec<_>>())
@@ -339,9 +335,14 @@ impl PgOutbox {
         tx: &mut Transaction<'_, Postgres>,
         subject: &str,
     ) -> Result<(), StoreError> {
-        let conn: &mut PgConnection = tx;
-        sqlx::query(AssertSqlSafe(self.sql.lock_key.clone()))
-            .bind(self.key_lock(subject))
+        self.lock_keys(tx, vec![self.key_lock(subject)]).await
+    }
+
+    /// Takes the subject locks `keys` (sorted, so that writers never
+    /// deadlock) until the transaction ends.
+    async fn lock_keys(&self, conn: &mut PgConnection, keys: Vec<i32>) -> Result<(), StoreError> {
+        sqlx::query(AssertSqlSafe(self.sql.lock_keys.clone()))
+            .bind(keys)
             .execute(conn)
             .await
             .map_err(classify)?;

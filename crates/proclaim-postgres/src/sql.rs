@@ -7,6 +7,14 @@ use crate::ident::{Ident, fnv1a};
 const COLUMNS: &str =
     "id, event_type, source, subject, event_time, datacontenttype, dataschema, data, metadata";
 
+/// Transaction-local planner settings of the claim and the gauges: walk the
+/// partial indexes from the claim floor, as one generic plan without JIT
+/// (the reasons are at `claim_setup`).
+const INDEX_WALK_SETTINGS: &str = "set_config('enable_seqscan', 'off', true), \
+     set_config('enable_bitmapscan', 'off', true), \
+     set_config('jit', 'off', true), \
+     set_config('plan_cache_mode', 'force_generic_plan', true)";
+
 pub(crate) struct Sql {
     pub(crate) qualified: String,
     pub(crate) channel: String,
@@ -26,8 +34,6 @@ pub(crate) struct Sql {
     /// The lowest pending sequence at or above `$1`; read after
     /// `floor_writers` (see [`crate::floor`]).
     pub(crate) floor_probe: Arc<str>,
-    /// One subject lock: `$1` is the key.
-    pub(crate) lock_key: Arc<str>,
     pub(crate) delete_published: Arc<str>,
     pub(crate) mark_published: Arc<str>,
     pub(crate) retry: Arc<str>,
@@ -108,11 +114,8 @@ impl Sql {
             // `jit_above_cost`, and JIT made a 49 ms claim take 181 ms: JIT off.
             claim_setup: a(format!(
                 "SELECT set_config('synchronous_commit', 'off', true), \
-                        set_config('enable_seqscan', 'off', true), \
-                        set_config('enable_bitmapscan', 'off', true), \
                         set_config('enable_sort', 'off', true), \
-                        set_config('jit', 'off', true), \
-                        set_config('plan_cache_mode', 'force_generic_plan', true), \
+                        {INDEX_WALK_SETTINGS}, \
                         pg_advisory_xact_lock({claim_lock})"
             )),
             // `OFFSET 0` keeps both "no blocking predecessor" checks per-row
@@ -161,7 +164,6 @@ impl Sql {
             floor_probe: a(format!(
                 "SELECT min(sequence) FROM {q} WHERE status = 0 AND sequence >= $1"
             )),
-            lock_key: a(format!("SELECT pg_advisory_xact_lock({lock_class}, $1)")),
             delete_published: a(format!(
                 "{async_commit} DELETE FROM {q} USING async_commit \
                  WHERE sequence = ANY($1) AND lease_token = $2"
@@ -194,11 +196,7 @@ impl Sql {
             // claim floor), never the whole table: without vacuum the table
             // grows by every delivered row, and a scan of it every
             // `stats_interval` evicted the claim's pages from the cache.
-            stats_setup: a("SELECT set_config('enable_seqscan', 'off', true), \
-                        set_config('enable_bitmapscan', 'off', true), \
-                        set_config('jit', 'off', true), \
-                        set_config('plan_cache_mode', 'force_generic_plan', true)"
-                .to_owned()),
+            stats_setup: a(format!("SELECT {INDEX_WALK_SETTINGS}")),
             stats: a(format!(
                 "SELECT p.ready, p.leased, \
                    (SELECT count(*) FROM {q} WHERE status = 2), \
