@@ -495,7 +495,18 @@ async fn debounced_second_commit(followup: Duration) -> u64 {
     writer.enqueue(&mut second, &event("b", 2)).await.unwrap(); // debounced
     first.commit().await.unwrap();
     h.stream.wait_for_count(1, WAIT).await; // the wake-up delivered the first
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Its outcome recorded, and then time for the claim the relay makes when
+    // a batch finishes, so that claim cannot be the one that finds the second.
+    let outbox = h.outbox.clone();
+    eventually(WAIT, "the first event's outcome recorded", || {
+        let outbox = outbox.clone();
+        async move {
+            let s = outbox.stats().await.unwrap();
+            s.pending + s.in_flight == 0
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     second.commit().await.unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let delivered = h.stream.count().await;
