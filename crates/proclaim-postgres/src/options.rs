@@ -31,6 +31,15 @@ pub struct PgOutboxOptions {
     /// shortly after every wake-up to pick up the transactions that did not
     /// notify, and its poll interval bounds the rest.
     pub notify_debounce: std::time::Duration,
+    /// How far a claim walks in write order: sequence numbers past the
+    /// oldest pending event (default 4,096; at least twice the claim's batch
+    /// size is used). A claim that comes back short while events wait beyond
+    /// the window then takes the head event of each further subject, one per
+    /// subject. The window bounds a claim's cost when most subjects have
+    /// their oldest event in flight or waiting for a retry (several relays
+    /// on a long backlog over few subjects, or one subject stuck on a failing
+    /// event in front of the others).
+    pub claim_window: u64,
 }
 
 impl Default for PgOutboxOptions {
@@ -40,6 +49,7 @@ impl Default for PgOutboxOptions {
             table: "outbox".into(),
             notify: true,
             notify_debounce: std::time::Duration::from_millis(1),
+            claim_window: 4096,
         }
     }
 }
@@ -63,6 +73,11 @@ impl PgOutboxOptions {
     /// Sets [`PgOutboxOptions::notify_debounce`].
     pub fn with_notify_debounce(mut self, window: std::time::Duration) -> Self {
         self.notify_debounce = window;
+        self
+    }
+    /// Sets [`PgOutboxOptions::claim_window`].
+    pub fn with_claim_window(mut self, window: u64) -> Self {
+        self.claim_window = window;
         self
     }
     /// Checks schema and table names (see the identifier rules on

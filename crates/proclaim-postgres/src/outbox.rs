@@ -66,6 +66,7 @@ pub struct PgOutbox {
     notify: bool,
     debounce: Arc<NotifyDebounce>,
     floor: Arc<ClaimFloor>,
+    claim_window: u64,
     sql: Arc<Sql>,
 }
 
@@ -141,6 +142,7 @@ impl PgOutbox {
             notify: options.notify,
             debounce: Arc::new(NotifyDebounce::new(options.notify_debounce)),
             floor: Arc::new(ClaimFloor::new()),
+            claim_window: options.claim_window,
             sql,
         }
     }
@@ -537,14 +539,47 @@ impl OutboxStore for PgOutbox {
         if self.floor.probe_due(now) {
             self.probe_floor(&mut tx, now).await?;
         }
-        let rows = sqlx::query(AssertSqlSafe(self.sql.claim.clone()))
+        let floor = self.floor.current();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let window = i64::try_from(self.claim_window)
+            .unwrap_or(i64::MAX)
+            .max(limit.saturating_mul(2));
+        let mut rows = sqlx::query(AssertSqlSafe(self.sql.claim.clone()))
             .bind(token.0)
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .bind(limit)
             .bind(lease.as_secs_f64())
-            .bind(self.floor.current())
+            .bind(floor)
+            .bind(window)
             .fetch_all(&mut *tx)
             .await
             .map_err(classify)?;
+        // Every row carries the window's `more` and `hi` after the record's
+        // columns; a lone row with no sequence means nothing was claimed.
+        let (more, hi) = match rows.first() {
+            Some(row) => (
+                row.try_get::<bool, _>(12).map_err(classify)?,
+                row.try_get::<i64, _>(13).map_err(classify)?,
+            ),
+            None => (false, 0),
+        };
+        rows.retain(|row| matches!(row.try_get::<Option<i64>, _>(0), Ok(Some(_))));
+        let claimed = i64::try_from(rows.len()).unwrap_or(i64::MAX);
+        if more && claimed < limit {
+            sqlx::query(AssertSqlSafe(self.sql.sort_on.clone()))
+                .execute(&mut *tx)
+                .await
+                .map_err(classify)?;
+            let heads = sqlx::query(AssertSqlSafe(self.sql.claim_heads.clone()))
+                .bind(token.0)
+                .bind(limit - claimed)
+                .bind(lease.as_secs_f64())
+                .bind(floor)
+                .bind(hi)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(classify)?;
+            rows.extend(heads);
+        }
         tx.commit().await.map_err(classify)?;
         let batch = rows
             .iter()

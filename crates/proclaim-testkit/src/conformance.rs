@@ -544,11 +544,16 @@ pub async fn stats_count_what_is_there<H: StoreHarness>() {
     assert_eq!((s.pending, s.in_flight), (1, 2));
 }
 
-/// Stamps every conformance case as a `#[tokio::test]` for a harness type.
+/// Stamps every conformance case as a `#[tokio::test]` for a harness type,
+/// in a module named `conformance` or the one given (to run the suite again
+/// with the store configured another way in the same test file).
 #[macro_export]
 macro_rules! store_conformance {
     ($harness:ty) => {
-        $crate::store_conformance!(@cases $harness;
+        $crate::store_conformance!($harness, conformance);
+    };
+    ($harness:ty, $module:ident) => {
+        $crate::store_conformance!(@cases $harness; $module;
             rollback_leaves_no_event,
             stored_event_round_trips,
             late_commit_is_not_skipped,
@@ -564,8 +569,8 @@ macro_rules! store_conformance {
             stats_count_what_is_there,
         );
     };
-    (@cases $harness:ty; $($case:ident),* $(,)?) => {
-        mod conformance {
+    (@cases $harness:ty; $module:ident; $($case:ident),* $(,)?) => {
+        mod $module {
             #[allow(unused_imports)]
             use super::*;
             $(

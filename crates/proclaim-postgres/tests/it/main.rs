@@ -21,8 +21,10 @@ async fn outbox(ts: &TestSchema) -> PgOutbox {
     outbox
 }
 
-/// The PostgreSQL store in the conformance suite: a schema of its own per test.
-struct Pg {
+/// The PostgreSQL store in the conformance suite: a schema of its own per
+/// test, claims walking `WINDOW` sequence numbers in write order (see
+/// `PgOutboxOptions::claim_window`).
+struct Pg<const WINDOW: u64> {
     ts: TestSchema,
     outbox: PgOutbox,
 }
@@ -35,7 +37,13 @@ impl OpenTransaction for OpenPgTx {
     }
 }
 
-impl Pg {
+impl<const WINDOW: u64> Pg<WINDOW> {
+    fn options(&self) -> PgOutboxOptions {
+        PgOutboxOptions::default()
+            .with_schema(&self.ts.name)
+            .with_claim_window(WINDOW)
+    }
+
     async fn business_tx(&self, events: &[Event]) -> sqlx::Transaction<'static, sqlx::Postgres> {
         let mut tx = self.ts.pool.begin().await.unwrap();
         sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -54,7 +62,7 @@ impl Pg {
     }
 }
 
-impl StoreHarness for Pg {
+impl<const WINDOW: u64> StoreHarness for Pg<WINDOW> {
     type Store = PgOutbox;
     const CAPABILITIES: Capabilities = Capabilities {
         concurrent_writers: true,
@@ -62,7 +70,14 @@ impl StoreHarness for Pg {
 
     async fn setup() -> Self {
         let ts = TestSchema::new().await;
-        let outbox = outbox(&ts).await;
+        let outbox = PgOutbox::with_options(
+            ts.pool.clone(),
+            PgOutboxOptions::default()
+                .with_schema(&ts.name)
+                .with_claim_window(WINDOW),
+        )
+        .unwrap();
+        outbox.migrate().await.unwrap();
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
             r#"CREATE TABLE "{}".campaign_donors (id BIGSERIAL PRIMARY KEY)"#,
             ts.name
@@ -79,7 +94,7 @@ impl StoreHarness for Pg {
 
     async fn second_store(&self) -> PgOutbox {
         let pool = self.ts.another_pool().await;
-        PgOutbox::with_options(pool, PgOutboxOptions::default().with_schema(&self.ts.name)).unwrap()
+        PgOutbox::with_options(pool, self.options()).unwrap()
     }
 
     async fn write(&self, events: &[Event], commit: bool) {
@@ -105,7 +120,11 @@ impl StoreHarness for Pg {
     }
 }
 
-proclaim_testkit::store_conformance!(Pg);
+proclaim_testkit::store_conformance!(Pg<4096>);
+// The suite again with the narrowest window (twice the batch size), so that
+// claims often go past it and take subject heads (`claim_heads`): order,
+// no overlap between concurrent claimers and every outcome must still hold.
+proclaim_testkit::store_conformance!(Pg<1>, narrow_window_conformance);
 
 fn event(subject: &str, n: u64) -> Event {
     Event::builder("DonorSecured")
@@ -291,6 +310,62 @@ async fn claim_and_ack(outbox: &PgOutbox) -> proclaim_core::ClaimedBatch {
         .await
         .unwrap();
     batch
+}
+
+/// A subject stuck on a failing event in front of a long backlog of its own
+/// fills the claim's window; the other subjects behind it still go, through
+/// the claim of subject heads past the window.
+#[tokio::test]
+async fn a_subject_stuck_in_front_of_the_window_does_not_hold_back_the_others() {
+    let ts = TestSchema::new().await;
+    let outbox = PgOutbox::with_options(
+        ts.pool.clone(),
+        PgOutboxOptions::default()
+            .with_schema(&ts.name)
+            .with_claim_window(1),
+    )
+    .unwrap();
+    outbox.migrate().await.unwrap();
+    let mut events: Vec<Event> = (0..10).map(|n| event("stuck", n)).collect();
+    events.extend([event("a", 10), event("b", 11), event("a", 12)]);
+    write(&outbox, &events).await;
+
+    let token = LeaseToken::new();
+    let head = outbox.claim(token, 1, LEASE).await.unwrap();
+    assert_eq!(numbers(&head), vec![0]);
+    let retry = proclaim_core::BatchOutcome {
+        retry: vec![proclaim_core::Retry {
+            sequence: head.records[0].sequence,
+            delay: Duration::from_secs(3600),
+            error: "the broker refuses it".into(),
+        }],
+        ..Default::default()
+    };
+    outbox
+        .complete(token, &retry, proclaim_core::AckMode::Delete)
+        .await
+        .unwrap();
+
+    // Limit 2: the window is 4 sequence numbers, all of them "stuck".
+    let token = LeaseToken::new();
+    let others = outbox.claim(token, 2, LEASE).await.unwrap();
+    assert_eq!(numbers(&others), vec![10, 11], "one head per other subject");
+    let ack = proclaim_core::BatchOutcome {
+        published: others.records.iter().map(|r| r.sequence).collect(),
+        ..Default::default()
+    };
+    outbox
+        .complete(token, &ack, proclaim_core::AckMode::Delete)
+        .await
+        .unwrap();
+    let next = outbox.claim(LeaseToken::new(), 2, LEASE).await.unwrap();
+    assert_eq!(
+        numbers(&next),
+        vec![12],
+        "a's second event, after its first"
+    );
+    let blocked = outbox.claim(LeaseToken::new(), 2, LEASE).await.unwrap();
+    assert!(blocked.is_empty(), "stuck waits: {:?}", numbers(&blocked));
 }
 
 #[tokio::test]
