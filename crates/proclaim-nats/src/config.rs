@@ -55,6 +55,12 @@ pub struct NatsConfig {
     /// server, by `Nats-Msg-Id`.
     #[serde(with = "proclaim_core::duration::human")]
     pub duplicate_window: Duration,
+    /// Upper bound of one JetStream request: a publish waiting for its ack,
+    /// a stream look-up (default 60 s). The relay's own `publish_timeout`
+    /// (default 10 s) normally cuts a publish first; this bounds a publisher
+    /// used without a relay.
+    #[serde(with = "proclaim_core::duration::human")]
+    pub ack_timeout: Duration,
 }
 
 impl Default for NatsConfig {
@@ -67,6 +73,7 @@ impl Default for NatsConfig {
             create_stream: false,
             connect_timeout: Duration::from_secs(5),
             duplicate_window: Duration::from_secs(120),
+            ack_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -97,6 +104,11 @@ impl NatsConfig {
         self.create_stream = create;
         self
     }
+    /// Sets [`NatsConfig::ack_timeout`].
+    pub fn with_ack_timeout(mut self, timeout: Duration) -> Self {
+        self.ack_timeout = timeout;
+        self
+    }
     /// Sets [`NatsConfig::connect_timeout`].
     pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
@@ -125,6 +137,9 @@ impl NatsConfig {
             return Err(ConfigError(
                 "connect_timeout must be greater than zero".into(),
             ));
+        }
+        if self.ack_timeout.is_zero() {
+            return Err(ConfigError("ack_timeout must be greater than zero".into()));
         }
         if self.duplicate_window.is_zero() {
             return Err(ConfigError(

@@ -17,10 +17,6 @@ use proclaim_core::{OutboxRecord, PublishError, Publisher};
 
 use crate::{NatsConfig, NatsError, SubjectTemplate, headers};
 
-/// Upper bound of one JetStream request (publish ack, stream look-up); the
-/// relay's `publish_timeout` is normally the shorter, effective bound.
-const JETSTREAM_ACK_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// Publishes outbox events to a JetStream stream.
 ///
 /// Each event goes to the subject rendered from
@@ -94,7 +90,7 @@ impl NatsPublisher {
         let mut jetstream = jetstream::new(client.clone());
         // The relay bounds each publish with its own `publish_timeout`; the
         // client's default 5 s ack timeout would otherwise cut it short.
-        jetstream.set_timeout(JETSTREAM_ACK_TIMEOUT);
+        jetstream.set_timeout(config.ack_timeout);
         let publisher = NatsPublisher {
             client,
             jetstream,

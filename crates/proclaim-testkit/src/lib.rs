@@ -11,6 +11,7 @@ pub mod mysql;
 pub mod nats;
 pub mod pg;
 pub mod publisher;
+pub mod publisher_conformance;
 mod wait;
 
 pub use proclaim_chaos::proxy;

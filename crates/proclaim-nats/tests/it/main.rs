@@ -10,6 +10,8 @@ use proclaim_core::{Event, OutboxRecord, Publisher};
 use proclaim_nats::{NatsConfig, NatsError, NatsPublisher, decode_message};
 use proclaim_testkit::nats::{TestStream, nats_url};
 
+mod conformance;
+
 fn record(event: Event) -> OutboxRecord {
     OutboxRecord {
         sequence: 1,
