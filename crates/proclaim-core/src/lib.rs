@@ -14,6 +14,7 @@
 
 mod admin;
 mod backoff;
+pub mod binary;
 mod config;
 pub mod duration;
 mod event;
