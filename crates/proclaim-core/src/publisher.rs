@@ -21,6 +21,7 @@ pub enum PublishErrorKind {
 pub struct PublishError {
     kind: PublishErrorKind,
     message: String,
+    retry_after: Option<std::time::Duration>,
     #[source]
     source: Option<BoxError>,
 }
@@ -31,6 +32,7 @@ impl PublishError {
         PublishError {
             kind: PublishErrorKind::Transient,
             message: message.into(),
+            retry_after: None,
             source: None,
         }
     }
@@ -39,6 +41,7 @@ impl PublishError {
         PublishError {
             kind: PublishErrorKind::Permanent,
             message: message.into(),
+            retry_after: None,
             source: None,
         }
     }
@@ -46,6 +49,17 @@ impl PublishError {
     pub fn with_source(mut self, source: impl Into<BoxError>) -> Self {
         self.source = Some(source.into());
         self
+    }
+    /// The broker's own word on when to try again (an HTTP `Retry-After`,
+    /// say): the relay waits at least this long before the next attempt,
+    /// or its own backoff if that is longer. Meaningful for transient errors.
+    pub fn with_retry_after(mut self, delay: std::time::Duration) -> Self {
+        self.retry_after = Some(delay);
+        self
+    }
+    /// The delay set by [`PublishError::with_retry_after`].
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        self.retry_after
     }
     /// The classification.
     pub fn kind(&self) -> PublishErrorKind {
