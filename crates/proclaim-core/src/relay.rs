@@ -550,7 +550,11 @@ async fn publish_chain<S: OutboxStore, P: Publisher>(
                     .increment(1);
                 let message = e.full_message();
                 if e.is_transient() && record.attempts < config.max_attempts {
-                    let delay = config.backoff.delay(record.attempts);
+                    // The broker's own `Retry-After`, if longer than the backoff.
+                    let delay = config
+                        .backoff
+                        .delay(record.attempts)
+                        .max(e.retry_after().unwrap_or_default());
                     debug!(
                         sequence = record.sequence,
                         attempts = record.attempts,
@@ -640,6 +644,8 @@ mod tests {
         transient: Vec<i64>,
         permanent: Vec<i64>,
         hang: Vec<i64>,
+        /// Transient, with the broker asking for this delay.
+        retry_after: Vec<(i64, Duration)>,
         order: Mutex<Vec<i64>>,
     }
 
@@ -656,6 +662,9 @@ mod tests {
             if self.permanent.contains(&seq) {
                 return Err(PublishError::permanent("too large"));
             }
+            if let Some((_, delay)) = self.retry_after.iter().find(|(s, _)| *s == seq) {
+                return Err(PublishError::transient("429").with_retry_after(*delay));
+            }
             Ok(())
         }
     }
@@ -665,6 +674,7 @@ mod tests {
             transient: transient.to_vec(),
             permanent: permanent.to_vec(),
             hang: hang.to_vec(),
+            retry_after: Vec::new(),
             order: Mutex::new(Vec::new()),
         }
     }
@@ -798,6 +808,25 @@ mod tests {
         assert_eq!(out.dead.len(), 1);
         assert_eq!(out.dead[0].error, "gave up after 3 attempts: busy");
         assert_eq!(out.published, vec![2]);
+    }
+
+    #[tokio::test]
+    async fn a_broker_asking_for_a_longer_delay_than_the_backoff_gets_it() {
+        // Backoff of a first attempt: 1 s (see `config`).
+        let mut scripted = publisher(&[], &[], &[]);
+        scripted.retry_after = vec![(1, Duration::from_secs(30)), (2, Duration::from_millis(10))];
+        let records = vec![record(1, "k", 1), record(2, "j", 1)];
+        let (mut out, _) =
+            run_batch(scripted, config(), batch(records), Duration::from_secs(30)).await;
+        out.retry.sort_by_key(|r| r.sequence);
+        assert_eq!(out.retry.len(), 2);
+        assert_eq!(out.retry[0].delay, Duration::from_secs(30), "Retry-After");
+        // The backoff of a first attempt is 0.5–1 s (jittered): above 10 ms.
+        let backoff = out.retry[1].delay;
+        assert!(
+            (Duration::from_millis(500)..=Duration::from_secs(1)).contains(&backoff),
+            "the backoff, not the shorter Retry-After: {backoff:?}"
+        );
     }
 
     #[tokio::test]
