@@ -11,6 +11,7 @@ use proclaim_core::{
     LeaseToken, MalformedRecord, OutboxAdmin, OutboxRecord, OutboxStats, OutboxStore, StoreError,
     Wakeups,
 };
+use proclaim_core::fanout::Stage;
 use sqlx::postgres::{PgListener, PgPool, PgRow};
 use sqlx::{AssertSqlSafe, PgConnection, Postgres, Row, Transaction};
 use uuid::Uuid;
@@ -261,12 +262,20 @@ impl PgOutbox {
         tx: &mut Transaction<'_, Postgres>,
         event: &Event,
     ) -> Result<(), StoreError> {
-        let conn: &mut PgConnection = tx;
         let sql = if self.notify && self.debounce.should_notify() {
             &self.sql.insert_one
         } else {
             &self.sql.insert_one_quiet
         };
+        self.insert_one(tx, sql, event).await
+    }
+
+    async fn insert_one(
+        &self,
+        conn: &mut PgConnection,
+        sql: &Arc<str>,
+        event: &Event,
+    ) -> Result<(), StoreError> {
         sqlx::query(AssertSqlSafe(sql.clone()))
             .bind(event.id())
             .bind(event.event_type())
@@ -455,6 +464,22 @@ impl PgOutbox {
             .await?;
         }
         Ok(applied)
+    }
+}
+
+/// A fan-out lane in this outbox table (see [`proclaim_core::fanout`]):
+/// each event is inserted in a transaction of its own, unless an event with
+/// the same id is already in the table.
+impl Stage for PgOutbox {
+    async fn stage(&self, event: &Event) -> Result<(), StoreError> {
+        let sql = if self.notify {
+            &self.sql.stage_one
+        } else {
+            &self.sql.stage_one_quiet
+        };
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        self.insert_one(&mut tx, sql, event).await?;
+        tx.commit().await.map_err(classify)
     }
 }
 

@@ -25,6 +25,11 @@ pub(crate) struct Sql {
     /// `insert_one` without the `NOTIFY`: for debounced writers and for
     /// outboxes with wake-ups turned off.
     pub(crate) insert_one_quiet: Arc<str>,
+    /// `insert_one` that keeps an event already there (same id): a fan-out
+    /// lane's write (`Stage`).
+    pub(crate) stage_one: Arc<str>,
+    /// `stage_one` without the `NOTIFY`.
+    pub(crate) stage_one_quiet: Arc<str>,
     pub(crate) claim_setup: Arc<str>,
     /// The claim's walk in write order, within a window past the oldest
     /// pending event; returns `more` and `hi` after the record columns.
@@ -68,14 +73,15 @@ impl Sql {
         // One `INSERT` with the subject's advisory lock, with or without a
         // `NOTIFY` in the same statement. The lock is taken before the
         // identity value is drawn (see `crate::floor`).
-        let insert_one = |wake_cte: &str, wake_from: &str| -> Arc<str> {
+        let insert_one = |wake_cte: &str, wake_from: &str, on_conflict: &str| -> Arc<str> {
             format!(
                 "WITH key_lock AS (SELECT pg_advisory_xact_lock({lock_class}, $10)){wake_cte} \
                  INSERT INTO {q} ({COLUMNS}) \
-                 SELECT $1, $2, $3, $4, $5, $6, $7, $8::json, $9::jsonb FROM key_lock{wake_from}"
+                 SELECT $1, $2, $3, $4, $5, $6, $7, $8::json, $9::jsonb FROM key_lock{wake_from}{on_conflict}"
             )
             .into()
         };
+        let wake_cte = format!(", wake AS (SELECT pg_notify('{channel}', ''))");
         let returning = "o.sequence, o.id, o.event_type, o.source, o.subject, o.event_time, \
              o.datacontenttype, o.dataschema, o.data::text, o.metadata::text, o.attempts, o.created_at";
         let a = |sql: String| -> Arc<str> { sql.into() };
@@ -85,11 +91,10 @@ impl Sql {
         let async_commit =
             "WITH async_commit AS (SELECT set_config('synchronous_commit', 'off', true))";
         Sql {
-            insert_one: insert_one(
-                &format!(", wake AS (SELECT pg_notify('{channel}', ''))"),
-                ", wake",
-            ),
-            insert_one_quiet: insert_one("", ""),
+            insert_one: insert_one(&wake_cte, ", wake", ""),
+            insert_one_quiet: insert_one("", "", ""),
+            stage_one: insert_one(&wake_cte, ", wake", " ON CONFLICT (id) DO NOTHING"),
+            stage_one_quiet: insert_one("", "", " ON CONFLICT (id) DO NOTHING"),
             lock_keys: a(format!(
                 "SELECT count(*) FROM (SELECT pg_advisory_xact_lock({lock_class}, k) \
                  FROM unnest($1::int4[]) AS u(k)) AS locks"

@@ -528,3 +528,107 @@ async fn without_the_followup_a_debounced_commit_waits_for_the_poll() {
     let delivered = debounced_second_commit(Duration::ZERO).await;
     assert_eq!(delivered, 1, "nothing else wakes the relay within 1.5 s");
 }
+
+/// Fan-out: one outbox, two destinations (two JetStream streams), one of
+/// them unreachable for a while. The healthy one receives every event once,
+/// in per-key order, while the other is down; the other receives every event
+/// once it is back; nothing is published twice to the healthy one.
+#[tokio::test]
+async fn fan_out_keeps_delivery_state_per_destination() {
+    use proclaim::fanout::{FanOut, Lane, TypePattern, Unrouted};
+
+    let h = Harness::new().await;
+    let slow_stream = TestStream::new().await;
+    let lane = |table: &str| {
+        PgOutbox::with_options(
+            h.ts.pool.clone(),
+            PgOutboxOptions::default()
+                .with_schema(&h.ts.name)
+                .with_table(table),
+        )
+        .unwrap()
+    };
+    let (fast_lane, slow_lane) = (lane("lane_fast"), lane("lane_slow"));
+    fast_lane.migrate().await.unwrap();
+    slow_lane.migrate().await.unwrap();
+    let fan_out = FanOut::new(
+        vec![
+            Lane {
+                name: "fast".into(),
+                pattern: TypePattern::parse("Donor*").unwrap(),
+                stage: fast_lane.clone(),
+            },
+            Lane {
+                name: "slow".into(),
+                pattern: TypePattern::parse("*").unwrap(),
+                stage: slow_lane.clone(),
+            },
+        ],
+        Unrouted::DeadLetter,
+    )
+    .unwrap();
+
+    let fast = Arc::new(Instrumented::new(h.publisher().await));
+    let upstream = proclaim_testkit::nats::nats_url()
+        .trim_start_matches("nats://")
+        .to_owned();
+    let proxy = FaultProxy::start(upstream).await.unwrap();
+    let slow = NatsPublisher::connect(
+        NatsConfig::default()
+            .with_url(format!("nats://127.0.0.1:{}", proxy.port()))
+            .with_stream(&slow_stream.name)
+            .with_subject_prefix(&slow_stream.prefix),
+    )
+    .await
+    .unwrap();
+    proxy.set_mode(FaultMode::Refuse);
+
+    let config = fast_config()
+        .with_publish_timeout(Duration::from_millis(500))
+        .with_max_attempts(1000);
+    let relays = [
+        Relay::new(h.outbox.clone(), fan_out, config.clone())
+            .unwrap()
+            .spawn(),
+        Relay::new(fast_lane.clone(), fast.clone(), config.clone())
+            .unwrap()
+            .spawn(),
+        Relay::new(slow_lane.clone(), slow, config).unwrap().spawn(),
+    ];
+
+    let written = h.write(120, 7, 4).await;
+    h.stream.wait_for_count(120, WAIT).await;
+    h.wait_until_drained().await;
+    assert_eq!(slow_stream.count().await, 0, "the slow destination is down");
+    let waiting = slow_lane.stats().await.unwrap();
+    assert_eq!(
+        waiting.pending + waiting.in_flight,
+        120,
+        "all in the slow lane"
+    );
+
+    proxy.set_mode(FaultMode::Pass);
+    slow_stream.wait_for_count(120, WAIT).await;
+    for relay in relays {
+        relay.shutdown().await;
+    }
+
+    let to_fast = h.delivered().await;
+    assert_eq!(ids(&to_fast), ids(&written));
+    assert_per_key_order(&to_fast);
+    let calls = fast.calls();
+    assert_eq!(calls.len(), 120);
+    assert!(
+        calls.values().all(|n| *n == 1),
+        "no event was sent twice to the healthy destination"
+    );
+    let to_slow: Vec<Event> = slow_stream
+        .messages()
+        .await
+        .iter()
+        .map(|m| decode_message(m).unwrap())
+        .collect();
+    assert_eq!(to_slow.len(), 120);
+    assert_eq!(ids(&to_slow), ids(&written));
+    assert_per_key_order(&to_slow);
+}
