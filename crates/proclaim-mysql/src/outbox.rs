@@ -17,6 +17,7 @@ use crate::error::{classify, error_number};
 use crate::ident::{Ident, fnv1a};
 use crate::options::MySqlOutboxOptions;
 use crate::sql::Sql;
+use proclaim_core::fanout::Stage;
 use proclaim_core::store_support::{clip_error, metadata_json};
 
 /// The newest schema version this crate knows; see [`MySqlOutbox::migrate`].
@@ -284,19 +285,24 @@ impl MySqlOutbox {
         tx: &mut Transaction<'_, MySql>,
         event: &Event,
     ) -> Result<(), StoreError> {
-        let conn: &mut MySqlConnection = tx;
+        self.insert_one(tx, &self.sql.insert_one, event).await
+    }
+
+    async fn insert_one(
+        &self,
+        conn: &mut MySqlConnection,
+        sql: &Arc<str>,
+        event: &Event,
+    ) -> Result<(), StoreError> {
         sqlx::query(AssertSqlSafe(self.sql.lock_subject.clone()))
             .bind(subject_slot(event.subject()))
             .execute(&mut *conn)
             .await
             .map_err(classify)?;
-        bind_event(
-            sqlx::query(AssertSqlSafe(self.sql.insert_one.clone())),
-            event,
-        )
-        .execute(conn)
-        .await
-        .map_err(classify)?;
+        bind_event(sqlx::query(AssertSqlSafe(sql.clone())), event)
+            .execute(conn)
+            .await
+            .map_err(classify)?;
         Ok(())
     }
 
@@ -559,6 +565,17 @@ fn decode_row(row: &MySqlRow) -> Result<OutboxRecord, (i64, String)> {
         attempts: attempts.max(0) as u32,
         created_at: row.try_get(11).map_err(|e| bad(e.to_string()))?,
     })
+}
+
+/// A fan-out lane in this outbox table (see [`proclaim_core::fanout`]):
+/// each event is inserted in a transaction of its own, unless an event with
+/// the same id is already in the table.
+impl Stage for MySqlOutbox {
+    async fn stage(&self, event: &Event) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        self.insert_one(&mut tx, &self.sql.stage_one, event).await?;
+        tx.commit().await.map_err(classify)
+    }
 }
 
 impl OutboxStore for MySqlOutbox {

@@ -22,6 +22,7 @@ pub(crate) struct Sql {
     pub(crate) claim_lock: String,
     pub(crate) subject_locks: String,
     pub(crate) insert_one: Arc<str>,
+    pub(crate) stage_one: Arc<str>,
     pub(crate) lock_subject: Arc<str>,
     pub(crate) lock_claims: Arc<str>,
     pub(crate) pick: Arc<str>,
@@ -42,6 +43,10 @@ impl Sql {
         let a = |sql: String| -> Arc<str> { sql.into() };
         Sql {
             insert_one: a(format!("INSERT INTO {q} ({COLUMNS}) VALUES {ROW}")),
+            // A fan-out lane's write: an event already there (same id) stays.
+            stage_one: a(format!(
+                "INSERT INTO {q} ({COLUMNS}) VALUES {ROW} ON DUPLICATE KEY UPDATE id = id"
+            )),
             lock_subject: a(lock_subjects_sql(&subject_locks, 1)),
             lock_claims: a(format!(
                 "SELECT id FROM `{claim_lock}` WHERE id = 1 FOR UPDATE"

@@ -24,6 +24,7 @@ use crate::ident::Ident;
 use crate::options::SqliteOutboxOptions;
 use crate::sql::Sql;
 use crate::wake::Signal;
+use proclaim_core::fanout::Stage;
 use proclaim_core::store_support::{clip_error, metadata_json};
 
 /// The newest schema version this crate knows; see [`SqliteOutbox::migrate`].
@@ -298,8 +299,16 @@ impl SqliteOutbox {
         tx: &mut Transaction<'_, Sqlite>,
         event: &Event,
     ) -> Result<(), StoreError> {
-        let conn: &mut SqliteConnection = tx;
-        sqlx::query(AssertSqlSafe(self.sql.insert_one.clone()))
+        self.insert_one(tx, &self.sql.insert_one, event).await
+    }
+
+    async fn insert_one(
+        &self,
+        conn: &mut SqliteConnection,
+        sql: &Arc<str>,
+        event: &Event,
+    ) -> Result<(), StoreError> {
+        sqlx::query(AssertSqlSafe(sql.clone()))
             .bind(event.id().hyphenated().to_string())
             .bind(event.event_type())
             .bind(event.source())
@@ -532,6 +541,17 @@ fn decode_row(row: &SqliteRow) -> Result<OutboxRecord, (i64, String)> {
         attempts: u32::try_from(attempts.max(0)).unwrap_or(u32::MAX),
         created_at: time(11, "created_at")?,
     })
+}
+
+/// A fan-out lane in this outbox table (see [`proclaim_core::fanout`]):
+/// each event is inserted in a transaction of its own, unless an event with
+/// the same id is already in the table.
+impl Stage for SqliteOutbox {
+    async fn stage(&self, event: &Event) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(classify)?;
+        self.insert_one(&mut tx, &self.sql.stage_one, event).await?;
+        tx.commit().await.map_err(classify)
+    }
 }
 
 impl OutboxStore for SqliteOutbox {

@@ -14,6 +14,7 @@ const COLUMNS: &str = "id, event_type, source, subject, event_time, datacontentt
 pub(crate) struct Sql {
     pub(crate) quoted: String,
     pub(crate) insert_one: Arc<str>,
+    pub(crate) stage_one: Arc<str>,
     pub(crate) insert_many: Arc<str>,
     pub(crate) claim: Arc<str>,
     pub(crate) delete_published: Arc<str>,
@@ -41,6 +42,11 @@ impl Sql {
         Sql {
             insert_one: a(format!(
                 "INSERT INTO {q} ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
+            )),
+            // A fan-out lane's write: an event already there (same id) stays.
+            stage_one: a(format!(
+                "INSERT INTO {q} ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
+                 ON CONFLICT (id) DO NOTHING"
             )),
             // One row per array element, inserted in array order.
             insert_many: a(format!(

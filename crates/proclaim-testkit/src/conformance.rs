@@ -23,6 +23,8 @@ use proclaim_core::{
     Retry, StoreError,
 };
 
+use proclaim_core::fanout::Stage;
+
 use crate::eventually_value;
 
 /// What a store's database can do; the suite skips or relaxes the rest.
@@ -43,7 +45,7 @@ pub trait OpenTransaction: Send {
 /// (own schema, own database file, …) that is removed when the harness drops.
 pub trait StoreHarness: Send + Sync + Sized + 'static {
     /// The store under test.
-    type Store: OutboxStore + OutboxAdmin + Clone;
+    type Store: OutboxStore + OutboxAdmin + Stage + Clone;
 
     /// What the database can do.
     const CAPABILITIES: Capabilities;
@@ -544,6 +546,22 @@ pub async fn stats_count_what_is_there<H: StoreHarness>() {
     assert_eq!((s.pending, s.in_flight), (1, 2));
 }
 
+/// A fan-out lane: staging stores an event in a transaction of its own,
+/// once per id however often it is staged, in staging order.
+pub async fn staging_is_idempotent<H: StoreHarness>() {
+    let h = H::setup().await;
+    let store = h.store();
+    let (a, b) = (numbered("k", 1), numbered("k", 2));
+    store.stage(&a).await.unwrap();
+    store.stage(&a).await.unwrap();
+    store.stage(&b).await.unwrap();
+    store.stage(&a).await.unwrap();
+    let batch = claim(&store, 100).await;
+    assert_eq!(numbers(&batch), vec![1, 2]);
+    let ids: Vec<_> = batch.records.iter().map(|r| r.event.id()).collect();
+    assert_eq!(ids, vec![a.id(), b.id()]);
+}
+
 /// Stamps every conformance case as a `#[tokio::test]` for a harness type,
 /// in a module named `conformance` or the one given (to run the suite again
 /// with the store configured another way in the same test file).
@@ -567,6 +585,7 @@ macro_rules! store_conformance {
             identifiers_reject_injection,
             migrate_is_idempotent,
             stats_count_what_is_there,
+            staging_is_idempotent,
         );
     };
     (@cases $harness:ty; $module:ident; $($case:ident),* $(,)?) => {
