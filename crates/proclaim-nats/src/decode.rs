@@ -1,10 +1,7 @@
 //! [`decode_message`]: reads an [`Event`] back from a NATS message.
 
-use std::collections::BTreeMap;
-
-use chrono::{DateTime, Utc};
-use proclaim_core::{Event, EventError, EventParts, JSON_CONTENT_TYPE, SPEC_VERSION};
-use uuid::Uuid;
+use proclaim_core::binary::{self, BinaryDecodeError};
+use proclaim_core::{Event, EventError};
 
 use crate::headers;
 
@@ -24,7 +21,7 @@ pub enum DecodeError {
         /// The message's NATS subject.
         subject: String,
         /// The missing header, e.g. `ce-id`.
-        header: &'static str,
+        header: String,
     },
     /// A header has a value that cannot be parsed (an id that is not a UUID,
     /// a time that is not RFC 3339, an unsupported spec version).
@@ -33,7 +30,7 @@ pub enum DecodeError {
         /// The message's NATS subject.
         subject: String,
         /// The header, e.g. `ce-time`.
-        header: &'static str,
+        header: String,
         /// Its value.
         value: String,
         /// What is wrong with it.
@@ -75,82 +72,44 @@ pub fn decode_message(message: &async_nats::Message) -> Result<Event, DecodeErro
     let Some(map) = message.headers.as_ref() else {
         return Err(DecodeError::NoHeaders { subject });
     };
-    // First value of every header, by lower-case name.
-    let mut values: BTreeMap<String, String> = BTreeMap::new();
-    for (name, list) in map.iter() {
-        if let Some(first) = list.first() {
-            values
-                .entry(name.to_string().to_ascii_lowercase())
-                .or_insert_with(|| first.as_str().to_owned());
-        }
-    }
-    let mut take = |header: &'static str| values.remove(header);
-    let mut require = |header: &'static str| {
-        take(header).ok_or_else(|| DecodeError::MissingHeader {
-            subject: subject.clone(),
-            header,
-        })
-    };
-    let invalid =
-        |header: &'static str, value: String, reason: String| DecodeError::InvalidHeader {
-            subject: subject.clone(),
-            header,
+    // First value of every header; the content type is binary mode's
+    // `datacontenttype`.
+    let pairs: Vec<(String, &str)> = map
+        .iter()
+        .filter_map(|(name, list)| Some((name.to_string(), list.first()?.as_str())))
+        .collect();
+    let content_type = pairs
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case(headers::CONTENT_TYPE))
+        .map(|(_, value)| *value);
+    binary::event_from_attributes(
+        pairs.iter().map(|(name, value)| (name.as_str(), *value)),
+        headers::CE_PREFIX,
+        content_type,
+        &message.payload,
+    )
+    .map_err(|e| match e {
+        BinaryDecodeError::Missing(header) => DecodeError::MissingHeader { subject, header },
+        BinaryDecodeError::Invalid {
+            attribute,
             value,
             reason,
-        };
-
-    let spec = require(headers::SPECVERSION)?;
-    if spec != SPEC_VERSION {
-        return Err(invalid(
-            headers::SPECVERSION,
-            spec,
-            format!("only CloudEvents {SPEC_VERSION} is supported"),
-        ));
-    }
-    let id = require(headers::ID)?;
-    let id = match Uuid::parse_str(&id) {
-        Ok(id) => id,
-        Err(e) => return Err(invalid(headers::ID, id, e.to_string())),
-    };
-    let event_type = require(headers::TYPE)?;
-    let source = require(headers::SOURCE)?;
-    let event_subject = require(headers::SUBJECT)?;
-    let time = require(headers::TIME)?;
-    let time = match DateTime::parse_from_rfc3339(&time) {
-        Ok(t) => t.with_timezone(&Utc),
-        Err(e) => return Err(invalid(headers::TIME, time, e.to_string())),
-    };
-    let dataschema = take(headers::DATASCHEMA);
-    let datacontenttype =
-        take(headers::CONTENT_TYPE).unwrap_or_else(|| JSON_CONTENT_TYPE.to_owned());
-    let metadata = values
-        .into_iter()
-        .filter_map(|(name, value)| {
-            name.strip_prefix(headers::CE_PREFIX)
-                .map(|ext| (ext.to_owned(), value))
-        })
-        .collect();
-    let data = match std::str::from_utf8(&message.payload) {
-        Ok(text) => text.to_owned(),
-        Err(e) => {
-            return Err(DecodeError::NotUtf8 {
-                subject,
-                reason: e.to_string(),
-            });
-        }
-    };
-    Event::from_parts(EventParts {
-        id,
-        event_type,
-        source,
-        subject: event_subject,
-        time,
-        datacontenttype,
-        dataschema,
-        data,
-        metadata,
+        } => DecodeError::InvalidHeader {
+            subject,
+            header: attribute,
+            value,
+            reason,
+        },
+        BinaryDecodeError::NotUtf8(reason) => DecodeError::NotUtf8 { subject, reason },
+        BinaryDecodeError::Event(source) => DecodeError::Event { subject, source },
+        // `BinaryDecodeError` is non-exhaustive: anything new is an invalid event.
+        other => DecodeError::InvalidHeader {
+            subject,
+            header: String::new(),
+            value: String::new(),
+            reason: other.to_string(),
+        },
     })
-    .map_err(|source| DecodeError::Event { subject, source })
 }
 
 #[cfg(test)]
@@ -235,7 +194,7 @@ mod tests {
         let full = headers::encode(&event)?;
         let mut without_id = HeaderMap::new();
         for (name, values) in full.iter() {
-            if name.to_string() != headers::ID {
+            if name.to_string() != "ce-id" {
                 for v in values {
                     without_id.append(name.clone(), v.clone());
                 }
@@ -245,48 +204,39 @@ mod tests {
             decode_message(&message(Some(without_id), "{}")),
             Err(DecodeError::MissingHeader {
                 subject: subject.clone(),
-                header: "ce-id"
+                header: "ce-id".into()
             })
         );
 
         let mut bad_id = headers::encode(&event)?;
-        bad_id.insert(headers::ID, "not-a-uuid");
+        bad_id.insert("ce-id", "not-a-uuid");
         let err = decode_message(&message(Some(bad_id), "{}")).err();
         assert!(
             matches!(
                 err,
-                Some(DecodeError::InvalidHeader {
-                    header: "ce-id",
-                    ..
-                })
+                Some(DecodeError::InvalidHeader { ref header, .. }) if header == "ce-id"
             ),
             "{err:?}"
         );
 
         let mut bad_time = headers::encode(&event)?;
-        bad_time.insert(headers::TIME, "yesterday");
+        bad_time.insert("ce-time", "yesterday");
         let err = decode_message(&message(Some(bad_time), "{}")).err();
         assert!(
             matches!(
                 err,
-                Some(DecodeError::InvalidHeader {
-                    header: "ce-time",
-                    ..
-                })
+                Some(DecodeError::InvalidHeader { ref header, .. }) if header == "ce-time"
             ),
             "{err:?}"
         );
 
         let mut old_spec = headers::encode(&event)?;
-        old_spec.insert(headers::SPECVERSION, "0.3");
+        old_spec.insert("ce-specversion", "0.3");
         let err = decode_message(&message(Some(old_spec), "{}")).err();
         assert!(
             matches!(
                 err,
-                Some(DecodeError::InvalidHeader {
-                    header: "ce-specversion",
-                    ..
-                })
+                Some(DecodeError::InvalidHeader { ref header, .. }) if header == "ce-specversion"
             ),
             "{err:?}"
         );

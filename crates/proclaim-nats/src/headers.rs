@@ -4,24 +4,11 @@
 use std::str::FromStr;
 
 use async_nats::header::{HeaderMap, HeaderName, HeaderValue, NATS_MESSAGE_ID};
-use proclaim_core::{Event, SPEC_VERSION};
+use proclaim_core::Event;
+use proclaim_core::binary;
 
 /// Prefix of every CloudEvents attribute header.
 pub(crate) const CE_PREFIX: &str = "ce-";
-/// CloudEvents `specversion`.
-pub(crate) const SPECVERSION: &str = "ce-specversion";
-/// CloudEvents `id`.
-pub(crate) const ID: &str = "ce-id";
-/// CloudEvents `type`.
-pub(crate) const TYPE: &str = "ce-type";
-/// CloudEvents `source`.
-pub(crate) const SOURCE: &str = "ce-source";
-/// CloudEvents `subject`.
-pub(crate) const SUBJECT: &str = "ce-subject";
-/// CloudEvents `time`.
-pub(crate) const TIME: &str = "ce-time";
-/// CloudEvents `dataschema`.
-pub(crate) const DATASCHEMA: &str = "ce-dataschema";
 /// CloudEvents `datacontenttype`, which binary mode carries as the content type.
 pub(crate) const CONTENT_TYPE: &str = "content-type";
 
@@ -34,31 +21,23 @@ pub(crate) struct HeaderError {
 }
 
 /// The headers of `event`: `Nats-Msg-Id` (the event id, for JetStream
-/// deduplication) and the CloudEvents attributes.
+/// deduplication), the CloudEvents attributes and the content type.
 pub(crate) fn encode(event: &Event) -> Result<HeaderMap, HeaderError> {
     let mut headers = HeaderMap::new();
-    let id = event.id().to_string();
-    headers.insert(NATS_MESSAGE_ID, value("Nats-Msg-Id", &id)?);
-    let mut put = |name: &str, text: &str| -> Result<(), HeaderError> {
-        let header = HeaderName::from_str(name).map_err(|e| HeaderError {
-            name: name.to_owned(),
+    headers.insert(
+        NATS_MESSAGE_ID,
+        value("Nats-Msg-Id", &event.id().to_string())?,
+    );
+    let content_type = (CONTENT_TYPE.to_owned(), event.datacontenttype().to_owned());
+    for (name, text) in binary::attributes(event, CE_PREFIX)
+        .into_iter()
+        .chain([content_type])
+    {
+        let header = HeaderName::from_str(&name).map_err(|e| HeaderError {
+            name: name.clone(),
             reason: e.to_string(),
         })?;
-        headers.insert(header, value(name, text)?);
-        Ok(())
-    };
-    put(SPECVERSION, SPEC_VERSION)?;
-    put(ID, &id)?;
-    put(TYPE, event.event_type())?;
-    put(SOURCE, event.source())?;
-    put(SUBJECT, event.subject())?;
-    put(TIME, &event.time_rfc3339())?;
-    if let Some(schema) = event.dataschema() {
-        put(DATASCHEMA, schema)?;
-    }
-    put(CONTENT_TYPE, event.datacontenttype())?;
-    for (name, text) in event.metadata() {
-        put(&format!("{CE_PREFIX}{name}"), text)?;
+        headers.insert(header, value(&name, &text)?);
     }
     Ok(headers)
 }
