@@ -6,12 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use proclaim_core::fanout::Stage;
 use proclaim_core::{
     AckMode, BatchOutcome, ClaimedBatch, CompleteReport, DeadLetterEntry, Event, EventParts,
     LeaseToken, MalformedRecord, OutboxAdmin, OutboxRecord, OutboxStats, OutboxStore, StoreError,
     Wakeups,
 };
-use proclaim_core::fanout::Stage;
 use sqlx::postgres::{PgListener, PgPool, PgRow};
 use sqlx::{AssertSqlSafe, PgConnection, Postgres, Row, Transaction};
 use uuid::Uuid;
