@@ -24,6 +24,7 @@ mod publisher;
 mod record;
 mod relay;
 mod store;
+pub mod template;
 pub mod store_support;
 
 pub use admin::{DeadLetterEntry, OutboxAdmin};
