@@ -22,6 +22,7 @@ pub mod fanout;
 pub mod local;
 mod publisher;
 mod record;
+mod redact;
 mod relay;
 mod store;
 pub mod template;
@@ -36,6 +37,7 @@ pub use event::{
     JSON_CONTENT_TYPE, SPEC_VERSION, TRACEPARENT,
 };
 pub use publisher::{PublishError, PublishErrorKind, Publisher};
+pub use redact::redact_url;
 pub use record::{ClaimedBatch, LeaseToken, MalformedRecord, OutboxRecord};
 pub use relay::{Relay, RelayHandle, RelayReport};
 pub use store::{
