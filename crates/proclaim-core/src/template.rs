@@ -64,7 +64,7 @@ impl Placeholder {
 
     /// The event's value for this placeholder; `None` for
     /// [`Placeholder::Prefix`], which is not an event attribute.
-    pub fn of<'e>(self, event: &'e Event) -> Option<&'e str> {
+    pub fn of(self, event: &Event) -> Option<&str> {
         match self {
             Placeholder::Type => Some(event.event_type()),
             Placeholder::Subject => Some(event.subject()),
@@ -138,9 +138,7 @@ impl Template {
                                 break;
                             }
                             '{' => {
-                                return Err(TemplateError(
-                                    "has a '{' inside a placeholder".into(),
-                                ));
+                                return Err(TemplateError("has a '{' inside a placeholder".into()));
                             }
                             c => name.push(c),
                         }
@@ -270,7 +268,10 @@ mod tests {
             parse("{source}/{type}/{subject}").render(&e),
             "campaign-finance/DonorSecured/donor-42"
         );
-        assert_eq!(parse("t-{type}{subject}").render(&e), "t-DonorSecureddonor-42");
+        assert_eq!(
+            parse("t-{type}{subject}").render(&e),
+            "t-DonorSecureddonor-42"
+        );
         assert_eq!(parse("fixed").render(&e), "fixed");
         assert_eq!(parse("").render(&e), "");
         assert!(parse("fixed").is_fixed());

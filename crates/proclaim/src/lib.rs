@@ -38,9 +38,11 @@
 //! ```
 //!
 //! Features: `postgres` (the PostgreSQL store), `sqlite` (the SQLite store),
-//! `mysql` (the MariaDB / MySQL store), `docstore` (DocStore, seed 004),
-//! `nats` (the NATS JetStream
-//! publisher); `postgres` and `nats` are on by default. Without any broker,
+//! `mysql` (the MariaDB / MySQL store), `docstore` (DocStore, seed 004);
+//! the publishers `nats` (NATS JetStream), `rabbitmq`, `redis` (Redis
+//! Streams), `mqtt` (MQTT 5) and `webhook` (HTTP), or `all-brokers`;
+//! `postgres` and `nats` are on by default. With any publisher,
+//! [`destination`] picks one at run time from a URL or a config section. Without any broker,
 //! [`local::InProcessBus`] delivers to subscribers in the same process and
 //! [`local::JsonLinesPublisher`] writes events as JSON lines.
 
@@ -76,3 +78,36 @@ pub mod docstore {
 pub mod nats {
     pub use proclaim_nats::*;
 }
+
+/// The RabbitMQ publisher (feature `rabbitmq`).
+#[cfg(feature = "rabbitmq")]
+pub mod rabbitmq {
+    pub use proclaim_rabbitmq::*;
+}
+
+/// The Redis Streams publisher (feature `redis`).
+#[cfg(feature = "redis")]
+pub mod redis {
+    pub use proclaim_redis::*;
+}
+
+/// The MQTT 5 publisher (feature `mqtt`).
+#[cfg(feature = "mqtt")]
+pub mod mqtt {
+    pub use proclaim_mqtt::*;
+}
+
+/// The HTTP webhook publisher (feature `webhook`).
+#[cfg(feature = "webhook")]
+pub mod webhook {
+    pub use proclaim_webhook::*;
+}
+
+#[cfg(any(
+    feature = "nats",
+    feature = "rabbitmq",
+    feature = "redis",
+    feature = "mqtt",
+    feature = "webhook"
+))]
+pub mod destination;
