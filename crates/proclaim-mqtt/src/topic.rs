@@ -2,61 +2,24 @@
 
 use std::fmt;
 
+use proclaim_core::template::{Part, Placeholder, Template};
 use proclaim_core::{ConfigError, Event};
 
 /// Longest topic MQTT can carry (a UTF-8 string with a 16-bit length).
 const MAX_TOPIC_LEN: usize = 65_535;
 
-/// The placeholders a template may use.
-const PLACEHOLDERS: &str = "{type}, {subject}, {source}";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Placeholder {
-    Type,
-    Subject,
-    Source,
-}
-
-impl Placeholder {
-    fn parse(name: &str) -> Option<Self> {
-        match name {
-            "type" => Some(Placeholder::Type),
-            "subject" => Some(Placeholder::Subject),
-            "source" => Some(Placeholder::Source),
-            _ => None,
-        }
-    }
-
-    fn attribute(self) -> &'static str {
-        match self {
-            Placeholder::Type => "type",
-            Placeholder::Subject => "subject",
-            Placeholder::Source => "source",
-        }
-    }
-
-    fn value(self, event: &Event) -> &str {
-        match self {
-            Placeholder::Type => event.event_type(),
-            Placeholder::Subject => event.subject(),
-            Placeholder::Source => event.source(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Part {
-    Literal(String),
-    Placeholder(Placeholder),
+/// The event's value for a placeholder.
+fn value_of(placeholder: Placeholder, event: &Event) -> &str {
+    placeholder.of(event).unwrap_or_default()
 }
 
 /// A parsed topic template such as `proclaim/{type}`.
 ///
 /// Placeholders: `{type}`, `{subject}` and `{source}` (the event's
-/// CloudEvents attributes); anything else is copied literally, and a value
-/// may span several topic levels (a subject `orders/42` gives two). The
-/// template is checked when parsed: an unknown placeholder, an unbalanced
-/// brace, a wildcard (`+`, `#`), an empty level or a leading `$` (topics the
+/// CloudEvents attributes); `{{` and `}}` stand for literal braces, anything
+/// else is copied literally, and a value may span several topic levels (a
+/// subject `orders/42` gives two). The template is checked when parsed: an
+/// unknown placeholder, an unbalanced brace, a wildcard (`+`, `#`), an empty level or a leading `$` (topics the
 /// broker reserves) is a configuration error. An event whose values cannot
 /// form a topic (a wildcard character, an empty level, a leading `$`) is
 /// reported by [`TopicTemplate::render`]; the publisher turns that into a
@@ -78,8 +41,7 @@ enum Part {
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopicTemplate {
-    text: String,
-    parts: Vec<Part>,
+    template: Template,
 }
 
 impl TopicTemplate {
@@ -89,51 +51,12 @@ impl TopicTemplate {
         if template.is_empty() {
             return Err(fail("is empty".into()));
         }
-        let mut parts = Vec::new();
-        let mut literal = String::new();
-        let mut chars = template.chars();
-        while let Some(c) = chars.next() {
-            match c {
-                '{' => {
-                    let mut name = String::new();
-                    let mut closed = false;
-                    for c in chars.by_ref() {
-                        match c {
-                            '}' => {
-                                closed = true;
-                                break;
-                            }
-                            '{' => return Err(fail("has a '{' inside a placeholder".into())),
-                            c => name.push(c),
-                        }
-                    }
-                    if !closed {
-                        return Err(fail("has a '{' without a matching '}'".into()));
-                    }
-                    let Some(placeholder) = Placeholder::parse(&name) else {
-                        return Err(fail(format!(
-                            "has an unknown placeholder {{{name}}} (known: {PLACEHOLDERS})"
-                        )));
-                    };
-                    if !literal.is_empty() {
-                        parts.push(Part::Literal(std::mem::take(&mut literal)));
-                    }
-                    parts.push(Part::Placeholder(placeholder));
-                }
-                '}' => return Err(fail("has a '}' without a matching '{'".into())),
-                c => literal.push(c),
-            }
-        }
-        if !literal.is_empty() {
-            parts.push(Part::Literal(literal));
-        }
-        let parsed = TopicTemplate {
-            text: template.to_owned(),
-            parts,
-        };
+        let template =
+            Template::parse(template, Placeholder::EVENT).map_err(|e| fail(e.to_string()))?;
+        let parsed = TopicTemplate { template };
         // With every placeholder replaced by one plain level, the result must
         // be a valid topic; otherwise no event could ever be published.
-        let sample = parsed.render_with(|_| "x");
+        let sample = parsed.template.render_with(|_| "x");
         if let Err(reason) = check_topic(&sample) {
             return Err(fail(format!(
                 "cannot produce a valid MQTT topic (e.g. {sample:?}): it {reason}"
@@ -144,7 +67,7 @@ impl TopicTemplate {
 
     /// The template text, as given.
     pub fn as_str(&self) -> &str {
-        &self.text
+        self.template.as_str()
     }
 
     /// The filter that matches every topic this template renders, for a
@@ -160,7 +83,7 @@ impl TopicTemplate {
     /// ```
     pub fn filter(&self) -> String {
         let mut out = String::new();
-        for part in &self.parts {
+        for part in self.template.parts() {
             match part {
                 Part::Literal(text) => out.push_str(text),
                 Part::Placeholder(_) => {
@@ -181,42 +104,37 @@ impl TopicTemplate {
     /// doubled `/`), starts the topic with `$`, or makes it longer than MQTT
     /// allows: such an event can never be published under this template.
     pub fn render(&self, event: &Event) -> Result<String, InvalidTopic> {
-        for part in &self.parts {
-            if let Part::Placeholder(p) = part {
-                let value = p.value(event);
-                if value.contains(['+', '#']) {
-                    return Err(InvalidTopic {
-                        attribute: p.attribute(),
-                        value: value.to_owned(),
-                        reason: "contains an MQTT wildcard character ('+' or '#')",
-                    });
-                }
+        for p in self.template.placeholders() {
+            let value = value_of(p, event);
+            if value.contains(['+', '#']) {
+                return Err(InvalidTopic {
+                    attribute: p.attribute(),
+                    value: value.to_owned(),
+                    reason: "contains an MQTT wildcard character ('+' or '#')",
+                });
             }
         }
-        let topic = self.render_with(|p| p.value(event));
+        let topic = self.template.render_with(|p| value_of(p, event));
         if let Err(reason) = check_topic(&topic) {
             // Blame the value that made the topic invalid: the literals alone
             // form a valid topic (checked when parsed).
-            let culprit = self
-                .parts
-                .iter()
-                .enumerate()
-                .find_map(|(i, part)| match part {
-                    Part::Placeholder(p) => {
-                        let value = p.value(event);
-                        let at_start = i == 0;
-                        let bad = value.starts_with('/')
-                            || value.ends_with('/')
-                            || value.contains("//")
-                            || (at_start && value.starts_with('$'));
-                        bad.then_some(*p)
-                    }
-                    Part::Literal(_) => None,
-                });
+            let parts = self.template.parts();
+            let culprit = parts.iter().enumerate().find_map(|(i, part)| match part {
+                Part::Placeholder(p) => {
+                    let value = value_of(*p, event);
+                    let at_start = i == 0;
+                    let bad = value.starts_with('/')
+                        || value.ends_with('/')
+                        || value.contains("//")
+                        || (at_start && value.starts_with('$'));
+                    bad.then_some(*p)
+                }
+                Part::Literal(_) => None,
+            });
             return Err(match culprit {
                 Some(p) => InvalidTopic {
                     attribute: p.attribute(),
-                    value: p.value(event).to_owned(),
+                    value: value_of(p, event).to_owned(),
                     reason,
                 },
                 None => InvalidTopic {
@@ -228,22 +146,11 @@ impl TopicTemplate {
         }
         Ok(topic)
     }
-
-    fn render_with<'a>(&self, mut value: impl FnMut(Placeholder) -> &'a str) -> String {
-        let mut out = String::new();
-        for part in &self.parts {
-            match part {
-                Part::Literal(text) => out.push_str(text),
-                Part::Placeholder(p) => out.push_str(value(*p)),
-            }
-        }
-        out
-    }
 }
 
 impl fmt::Display for TopicTemplate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.text)
+        f.write_str(self.template.as_str())
     }
 }
 
@@ -345,14 +252,11 @@ mod tests {
 
     #[test]
     fn bad_templates_are_rejected() {
+        // The placeholder syntax itself is tested in proclaim_core::template.
         for bad in [
             "",
             "p/{kind}",
-            "p/{Type}",
-            "p/{}",
             "p/{type",
-            "p/type}",
-            "p/{ty{pe}}",
             "p/#",
             "p/+/{type}",
             "p/a+b/{type}",
@@ -364,18 +268,33 @@ mod tests {
         ] {
             assert!(TopicTemplate::parse(bad).is_err(), "{bad:?} was accepted");
         }
-        let msg = TopicTemplate::parse("p/{kind}")
-            .err()
-            .map(|e| e.to_string());
+        let msg = |t: &str| TopicTemplate::parse(t).err().map(|e| e.to_string());
         assert_eq!(
-            msg.as_deref(),
+            msg("p/{kind}").as_deref(),
             Some(
                 "invalid configuration: topic_template \"p/{kind}\" has an unknown placeholder \
                  {kind} (known: {type}, {subject}, {source})"
             )
         );
+        assert_eq!(
+            msg("p/type}").as_deref(),
+            Some(
+                "invalid configuration: topic_template \"p/type}\" has a '}' without a \
+                 matching '{' (write '}}' for a literal brace)"
+            )
+        );
         assert!(TopicTemplate::parse("{type}{subject}").is_ok());
         assert!(TopicTemplate::parse("{type}").is_ok());
+    }
+
+    #[test]
+    fn doubled_braces_are_literal_braces_in_a_level() {
+        let t = parse("{{acme}}/{type}");
+        assert_eq!(t.as_str(), "{{acme}}/{type}");
+        assert_eq!(t.to_string(), "{{acme}}/{type}");
+        assert_eq!(t.render(&event("T", "k", "s")), Ok("{acme}/T".into()));
+        assert_eq!(t.filter(), "{acme}/#");
+        assert_eq!(parse("a/{{b}}").filter(), "a/{b}");
     }
 
     #[test]

@@ -3,54 +3,34 @@
 
 use std::fmt;
 
+use proclaim_core::template::{Part, Placeholder, Template};
 use proclaim_core::{ConfigError, Event};
 
-/// The placeholders a subject template may use.
-const PLACEHOLDERS: &str = "{prefix}, {type}, {subject}, {source}";
+/// The placeholders a subject template may use, in the order error messages
+/// list them.
+const PLACEHOLDERS: &[Placeholder] = &[
+    Placeholder::Prefix,
+    Placeholder::Type,
+    Placeholder::Subject,
+    Placeholder::Source,
+];
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Placeholder {
-    Prefix,
-    Type,
-    Subject,
-    Source,
-}
-
-impl Placeholder {
-    fn parse(name: &str) -> Option<Self> {
-        match name {
-            "prefix" => Some(Placeholder::Prefix),
-            "type" => Some(Placeholder::Type),
-            "subject" => Some(Placeholder::Subject),
-            "source" => Some(Placeholder::Source),
-            _ => None,
-        }
+/// The attribute a value comes from, for error messages.
+fn attribute(placeholder: Placeholder) -> &'static str {
+    match placeholder {
+        Placeholder::Prefix => "subject prefix",
+        p => p.attribute(),
     }
-
-    /// The attribute a value comes from, for error messages.
-    fn attribute(self) -> &'static str {
-        match self {
-            Placeholder::Prefix => "subject prefix",
-            Placeholder::Type => "type",
-            Placeholder::Subject => "subject",
-            Placeholder::Source => "source",
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Part {
-    Literal(String),
-    Placeholder(Placeholder),
 }
 
 /// A parsed subject template such as `{prefix}.{type}`.
 ///
 /// Placeholders: `{prefix}` (the configured subject prefix), `{type}`,
-/// `{subject}` and `{source}` (the event's CloudEvents attributes). Anything
-/// else is copied literally. The template is checked when parsed: an unknown
-/// placeholder, an unbalanced brace or a result that could never be a valid
-/// NATS subject (empty tokens, wildcards, whitespace) is a configuration error.
+/// `{subject}` and `{source}` (the event's CloudEvents attributes); `{{` and
+/// `}}` stand for literal braces. Anything else is copied literally. The
+/// template is checked when parsed: an unknown placeholder, an unbalanced
+/// brace or a result that could never be a valid NATS subject (empty tokens,
+/// wildcards, whitespace) is a configuration error.
 ///
 /// ```
 /// use proclaim_core::Event;
@@ -64,8 +44,7 @@ enum Part {
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SubjectTemplate {
-    text: String,
-    parts: Vec<Part>,
+    template: Template,
 }
 
 impl SubjectTemplate {
@@ -75,51 +54,11 @@ impl SubjectTemplate {
         if template.is_empty() {
             return Err(fail("is empty".into()));
         }
-        let mut parts = Vec::new();
-        let mut literal = String::new();
-        let mut chars = template.chars();
-        while let Some(c) = chars.next() {
-            match c {
-                '{' => {
-                    let mut name = String::new();
-                    let mut closed = false;
-                    for c in chars.by_ref() {
-                        match c {
-                            '}' => {
-                                closed = true;
-                                break;
-                            }
-                            '{' => return Err(fail("has a '{' inside a placeholder".into())),
-                            c => name.push(c),
-                        }
-                    }
-                    if !closed {
-                        return Err(fail("has a '{' without a matching '}'".into()));
-                    }
-                    let Some(placeholder) = Placeholder::parse(&name) else {
-                        return Err(fail(format!(
-                            "has an unknown placeholder {{{name}}} (known: {PLACEHOLDERS})"
-                        )));
-                    };
-                    if !literal.is_empty() {
-                        parts.push(Part::Literal(std::mem::take(&mut literal)));
-                    }
-                    parts.push(Part::Placeholder(placeholder));
-                }
-                '}' => return Err(fail("has a '}' without a matching '{'".into())),
-                c => literal.push(c),
-            }
-        }
-        if !literal.is_empty() {
-            parts.push(Part::Literal(literal));
-        }
-        let parsed = SubjectTemplate {
-            text: template.to_owned(),
-            parts,
-        };
+        let template = Template::parse(template, PLACEHOLDERS).map_err(|e| fail(e.to_string()))?;
+        let parsed = SubjectTemplate { template };
         // With every placeholder replaced by one valid token, the result must
         // be a valid subject; otherwise no event could ever be published.
-        let sample = parsed.render_with(|_| "x");
+        let sample = parsed.template.render_with(|_| "x");
         if let Err(reason) = check_tokens(&sample) {
             return Err(fail(format!(
                 "cannot produce a valid NATS subject (e.g. {sample:?}): it {reason}"
@@ -130,14 +69,14 @@ impl SubjectTemplate {
 
     /// The template text, as given.
     pub fn as_str(&self) -> &str {
-        &self.text
+        self.template.as_str()
     }
 
     /// True when the template starts with `{prefix}.`, so every subject it
     /// renders lies under `<prefix>.>`.
     pub fn is_under_prefix(&self) -> bool {
         matches!(
-            self.parts.as_slice(),
+            self.template.parts(),
             [Part::Placeholder(Placeholder::Prefix), Part::Literal(dot), ..] if dot.starts_with('.')
         )
     }
@@ -146,17 +85,15 @@ impl SubjectTemplate {
     /// NATS subject tokens (whitespace, a `*` or `>` token, an empty token):
     /// such an event can never be published under this template.
     pub fn render(&self, prefix: &str, event: &Event) -> Result<String, InvalidSubject> {
-        for part in &self.parts {
-            if let Part::Placeholder(p) = part {
-                let value = value_of(*p, prefix, event);
-                check_tokens(value).map_err(|reason| InvalidSubject {
-                    attribute: p.attribute(),
-                    value: value.to_owned(),
-                    reason,
-                })?;
-            }
+        for p in self.template.placeholders() {
+            let value = value_of(p, prefix, event);
+            check_tokens(value).map_err(|reason| InvalidSubject {
+                attribute: attribute(p),
+                value: value.to_owned(),
+                reason,
+            })?;
         }
-        let subject = self.render_with(|p| value_of(p, prefix, event));
+        let subject = self.template.render_with(|p| value_of(p, prefix, event));
         // Values and literals are each valid, so this holds; checked anyway so
         // that an invalid subject can never reach the broker.
         check_tokens(&subject).map_err(|reason| InvalidSubject {
@@ -166,31 +103,18 @@ impl SubjectTemplate {
         })?;
         Ok(subject)
     }
-
-    fn render_with<'a>(&self, mut value: impl FnMut(Placeholder) -> &'a str) -> String {
-        let mut out = String::new();
-        for part in &self.parts {
-            match part {
-                Part::Literal(text) => out.push_str(text),
-                Part::Placeholder(p) => out.push_str(value(*p)),
-            }
-        }
-        out
-    }
 }
 
 impl fmt::Display for SubjectTemplate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.text)
+        f.write_str(self.template.as_str())
     }
 }
 
 fn value_of<'a>(placeholder: Placeholder, prefix: &'a str, event: &'a Event) -> &'a str {
     match placeholder {
         Placeholder::Prefix => prefix,
-        Placeholder::Type => event.event_type(),
-        Placeholder::Subject => event.subject(),
-        Placeholder::Source => event.source(),
+        p => p.of(event).unwrap_or_default(),
     }
 }
 
@@ -291,29 +215,39 @@ mod tests {
     }
 
     #[test]
-    fn unknown_placeholders_and_unbalanced_braces_are_rejected() {
-        for bad in [
-            "{prefix}.{kind}",
-            "{prefix}.{Type}",
-            "{prefix}.{}",
-            "{prefix}.{type",
-            "{prefix}.type}",
-            "{prefix}.{ty{pe}}",
-            "",
-        ] {
-            let err = SubjectTemplate::parse(bad).err();
-            assert!(err.is_some(), "{bad:?} was accepted");
-        }
-        let msg = SubjectTemplate::parse("{prefix}.{kind}")
-            .err()
-            .map(|e| e.to_string());
+    fn template_errors_name_the_setting() {
+        // The syntax itself is tested in proclaim_core::template.
+        let msg = |t: &str| SubjectTemplate::parse(t).err().map(|e| e.to_string());
         assert_eq!(
-            msg.as_deref(),
+            msg("{prefix}.{kind}").as_deref(),
             Some(
                 "invalid configuration: subject_template \"{prefix}.{kind}\" has an unknown \
                  placeholder {kind} (known: {prefix}, {type}, {subject}, {source})"
             )
         );
+        assert_eq!(
+            msg("{prefix}.{type").as_deref(),
+            Some(
+                "invalid configuration: subject_template \"{prefix}.{type\" has a '{' without \
+                 a matching '}' (write '{{' for a literal brace)"
+            )
+        );
+        assert_eq!(
+            msg("").as_deref(),
+            Some("invalid configuration: subject_template \"\" is empty")
+        );
+    }
+
+    #[test]
+    fn doubled_braces_are_literal_braces_in_a_token() {
+        let t = parse("{prefix}.{{orders}}.{type}");
+        assert_eq!(t.as_str(), "{prefix}.{{orders}}.{type}");
+        assert!(t.is_under_prefix());
+        assert_eq!(
+            t.render("p", &event("T", "k", "s")),
+            Ok("p.{orders}.T".into())
+        );
+        assert!(SubjectTemplate::parse("{prefix}.{{ x }}").is_err());
     }
 
     #[test]

@@ -3,54 +3,20 @@
 
 use std::fmt;
 
+use proclaim_core::template::{Part, Placeholder, Template};
 use proclaim_core::{ConfigError, Event};
-
-/// The placeholders a routing key template may use.
-const PLACEHOLDERS: &str = "{type}, {subject}, {source}";
 
 /// The longest routing key AMQP 0-9-1 can carry (a short string).
 pub const MAX_ROUTING_KEY_LEN: usize = 255;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Placeholder {
-    Type,
-    Subject,
-    Source,
-}
-
-impl Placeholder {
-    fn parse(name: &str) -> Option<Self> {
-        match name {
-            "type" => Some(Placeholder::Type),
-            "subject" => Some(Placeholder::Subject),
-            "source" => Some(Placeholder::Source),
-            _ => None,
-        }
-    }
-
-    fn value(self, event: &Event) -> &str {
-        match self {
-            Placeholder::Type => event.event_type(),
-            Placeholder::Subject => event.subject(),
-            Placeholder::Source => event.source(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Part {
-    Literal(String),
-    Placeholder(Placeholder),
-}
-
 /// A parsed routing key template such as `{type}` or `events.{source}.{type}`.
 ///
 /// Placeholders: `{type}`, `{subject}` and `{source}` (the event's
-/// CloudEvents attributes). Anything else is copied literally; an empty
-/// template gives an empty routing key (for fanout and headers exchanges).
-/// The template is checked when parsed: an unknown placeholder, an
-/// unbalanced brace, a control character or literal text longer than a
-/// routing key can be is a configuration error.
+/// CloudEvents attributes); `{{` and `}}` stand for literal braces. Anything
+/// else is copied literally; an empty template gives an empty routing key
+/// (for fanout and headers exchanges). The template is checked when parsed:
+/// an unknown placeholder, an unbalanced brace, a control character or
+/// literal text longer than a routing key can be is a configuration error.
 ///
 /// ```
 /// use proclaim_core::Event;
@@ -64,8 +30,7 @@ enum Part {
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoutingKeyTemplate {
-    text: String,
-    parts: Vec<Part>,
+    template: Template,
 }
 
 impl RoutingKeyTemplate {
@@ -73,82 +38,35 @@ impl RoutingKeyTemplate {
     pub fn parse(template: &str) -> Result<Self, ConfigError> {
         let fail =
             |reason: String| ConfigError(format!("routing_key_template {template:?} {reason}"));
-        let mut parts = Vec::new();
-        let mut literal = String::new();
-        let mut chars = template.chars();
-        while let Some(c) = chars.next() {
-            match c {
-                '{' => {
-                    let mut name = String::new();
-                    let mut closed = false;
-                    for c in chars.by_ref() {
-                        match c {
-                            '}' => {
-                                closed = true;
-                                break;
-                            }
-                            '{' => return Err(fail("has a '{' inside a placeholder".into())),
-                            c => name.push(c),
-                        }
-                    }
-                    if !closed {
-                        return Err(fail("has a '{' without a matching '}'".into()));
-                    }
-                    let Some(placeholder) = Placeholder::parse(&name) else {
-                        return Err(fail(format!(
-                            "has an unknown placeholder {{{name}}} (known: {PLACEHOLDERS})"
-                        )));
-                    };
-                    if !literal.is_empty() {
-                        parts.push(Part::Literal(std::mem::take(&mut literal)));
-                    }
-                    parts.push(Part::Placeholder(placeholder));
-                }
-                '}' => return Err(fail("has a '}' without a matching '{'".into())),
-                c if c.is_control() => {
-                    return Err(fail("contains a control character".into()));
-                }
-                c => literal.push(c),
-            }
+        let template =
+            Template::parse(template, Placeholder::EVENT).map_err(|e| fail(e.to_string()))?;
+        let has_control = template.parts().iter().any(|part| match part {
+            Part::Literal(text) => text.chars().any(char::is_control),
+            Part::Placeholder(_) => false,
+        });
+        if has_control {
+            return Err(fail("contains a control character".into()));
         }
-        if !literal.is_empty() {
-            parts.push(Part::Literal(literal));
-        }
-        let literal_len: usize = parts
-            .iter()
-            .map(|p| match p {
-                Part::Literal(text) => text.len(),
-                Part::Placeholder(_) => 0,
-            })
-            .sum();
+        let literal_len = template.literal_len();
         if literal_len > MAX_ROUTING_KEY_LEN {
             return Err(fail(format!(
                 "has {literal_len} bytes of literal text, more than a routing key can hold \
                  ({MAX_ROUTING_KEY_LEN} bytes)"
             )));
         }
-        Ok(RoutingKeyTemplate {
-            text: template.to_owned(),
-            parts,
-        })
+        Ok(RoutingKeyTemplate { template })
     }
 
     /// The template text, as given.
     pub fn as_str(&self) -> &str {
-        &self.text
+        self.template.as_str()
     }
 
     /// Renders the routing key for `event`. Fails when the key would be
     /// longer than [`MAX_ROUTING_KEY_LEN`] bytes: such an event can never be
     /// published under this template.
     pub fn render(&self, event: &Event) -> Result<String, InvalidRoutingKey> {
-        let mut out = String::new();
-        for part in &self.parts {
-            match part {
-                Part::Literal(text) => out.push_str(text),
-                Part::Placeholder(p) => out.push_str(p.value(event)),
-            }
-        }
+        let out = self.template.render(event);
         if out.len() > MAX_ROUTING_KEY_LEN {
             return Err(InvalidRoutingKey { len: out.len() });
         }
@@ -158,7 +76,7 @@ impl RoutingKeyTemplate {
 
 impl fmt::Display for RoutingKeyTemplate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.text)
+        f.write_str(self.template.as_str())
     }
 }
 
@@ -218,28 +136,49 @@ mod tests {
     }
 
     #[test]
-    fn unknown_placeholders_and_unbalanced_braces_are_rejected() {
-        for bad in [
-            "{kind}", "{Type}", "{}", "{type", "type}", "{ty{pe}}", "a\nb",
-        ] {
+    fn bad_templates_are_rejected() {
+        // The placeholder syntax itself is tested in proclaim_core::template.
+        for bad in ["{kind}", "{type", "a\nb", "{type}.a\u{7f}"] {
             assert!(
                 RoutingKeyTemplate::parse(bad).is_err(),
                 "{bad:?} was accepted"
             );
         }
-        let msg = RoutingKeyTemplate::parse("events.{kind}")
-            .err()
-            .map(|e| e.to_string());
+        let msg = |t: &str| RoutingKeyTemplate::parse(t).err().map(|e| e.to_string());
         assert_eq!(
-            msg.as_deref(),
+            msg("events.{kind}").as_deref(),
             Some(
                 "invalid configuration: routing_key_template \"events.{kind}\" has an unknown \
                  placeholder {kind} (known: {type}, {subject}, {source})"
             )
         );
+        assert_eq!(
+            msg("a\nb").as_deref(),
+            Some(
+                "invalid configuration: routing_key_template \"a\\nb\" contains a control \
+                 character"
+            )
+        );
         let long = "x".repeat(256);
-        assert!(RoutingKeyTemplate::parse(&long).is_err());
+        assert_eq!(
+            msg(&long),
+            Some(format!(
+                "invalid configuration: routing_key_template {long:?} has 256 bytes of literal \
+                 text, more than a routing key can hold (255 bytes)"
+            ))
+        );
         assert!(RoutingKeyTemplate::parse(&format!("{}{{type}}", "x".repeat(255))).is_ok());
+    }
+
+    #[test]
+    fn doubled_braces_are_literal_braces() {
+        let e = event("T", "k", "s");
+        assert_eq!(parse("{{a}}.{type}").render(&e), Ok("{a}.T".into()));
+        assert_eq!(parse("{{a}}.{type}").as_str(), "{{a}}.{type}");
+        // An escaped brace counts once towards the literal length.
+        let braces = "{{".repeat(255);
+        assert_eq!(parse(&braces).render(&e), Ok("{".repeat(255)));
+        assert!(RoutingKeyTemplate::parse(&format!("{braces}x")).is_err());
     }
 
     #[test]

@@ -3,42 +3,8 @@
 
 use std::fmt;
 
+use proclaim_core::template::{Placeholder, Template};
 use proclaim_core::{ConfigError, Event};
-
-/// The placeholders a stream template may use.
-const PLACEHOLDERS: &str = "{type}, {subject}, {source}";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Placeholder {
-    Type,
-    Subject,
-    Source,
-}
-
-impl Placeholder {
-    fn parse(name: &str) -> Option<Self> {
-        match name {
-            "type" => Some(Placeholder::Type),
-            "subject" => Some(Placeholder::Subject),
-            "source" => Some(Placeholder::Source),
-            _ => None,
-        }
-    }
-
-    fn value(self, event: &Event) -> &str {
-        match self {
-            Placeholder::Type => event.event_type(),
-            Placeholder::Subject => event.subject(),
-            Placeholder::Source => event.source(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Part {
-    Literal(String),
-    Placeholder(Placeholder),
-}
 
 /// A parsed stream key template such as `proclaim:events` or
 /// `orders:{type}`.
@@ -67,8 +33,7 @@ enum Part {
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamTemplate {
-    text: String,
-    parts: Vec<Part>,
+    template: Template,
 }
 
 impl StreamTemplate {
@@ -78,92 +43,31 @@ impl StreamTemplate {
         if template.is_empty() {
             return Err(fail("is empty".into()));
         }
-        let mut parts = Vec::new();
-        let mut literal = String::new();
-        let mut chars = template.chars().peekable();
-        while let Some(c) = chars.next() {
-            match c {
-                '{' if chars.peek() == Some(&'{') => {
-                    chars.next();
-                    literal.push('{');
-                }
-                '}' if chars.peek() == Some(&'}') => {
-                    chars.next();
-                    literal.push('}');
-                }
-                '{' => {
-                    let mut name = String::new();
-                    let mut closed = false;
-                    for c in chars.by_ref() {
-                        match c {
-                            '}' => {
-                                closed = true;
-                                break;
-                            }
-                            '{' => return Err(fail("has a '{' inside a placeholder".into())),
-                            c => name.push(c),
-                        }
-                    }
-                    if !closed {
-                        return Err(fail(
-                            "has a '{' without a matching '}' (write '{{' for a literal brace)"
-                                .into(),
-                        ));
-                    }
-                    let Some(placeholder) = Placeholder::parse(&name) else {
-                        return Err(fail(format!(
-                            "has an unknown placeholder {{{name}}} (known: {PLACEHOLDERS})"
-                        )));
-                    };
-                    if !literal.is_empty() {
-                        parts.push(Part::Literal(std::mem::take(&mut literal)));
-                    }
-                    parts.push(Part::Placeholder(placeholder));
-                }
-                '}' => {
-                    return Err(fail(
-                        "has a '}' without a matching '{' (write '}}' for a literal brace)".into(),
-                    ));
-                }
-                c => literal.push(c),
-            }
-        }
-        if !literal.is_empty() {
-            parts.push(Part::Literal(literal));
-        }
-        Ok(StreamTemplate {
-            text: template.to_owned(),
-            parts,
-        })
+        let template =
+            Template::parse(template, Placeholder::EVENT).map_err(|e| fail(e.to_string()))?;
+        Ok(StreamTemplate { template })
     }
 
     /// The template text, as given.
     pub fn as_str(&self) -> &str {
-        &self.text
+        self.template.as_str()
     }
 
     /// True when the template has no placeholder: every event goes to one
     /// stream.
     pub fn is_fixed(&self) -> bool {
-        !self.parts.iter().any(|p| matches!(p, Part::Placeholder(_)))
+        self.template.is_fixed()
     }
 
     /// The stream key for `event`.
     pub fn render(&self, event: &Event) -> String {
-        let mut out = String::new();
-        for part in &self.parts {
-            match part {
-                Part::Literal(text) => out.push_str(text),
-                Part::Placeholder(p) => out.push_str(p.value(event)),
-            }
-        }
-        out
+        self.template.render(event)
     }
 }
 
 impl fmt::Display for StreamTemplate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.text)
+        f.write_str(self.template.as_str())
     }
 }
 
@@ -215,27 +119,28 @@ mod tests {
 
     #[test]
     fn rejects_unknown_placeholders_and_unbalanced_braces() {
-        for bad in [
-            "",
-            "p:{kind}",
-            "p:{prefix}",
-            "p:{Type}",
-            "p:{}",
-            "p:{type",
-            "p:type}",
-            "p:{ty{pe}}",
-        ] {
+        // The placeholder syntax itself is tested in proclaim_core::template.
+        for bad in ["", "p:{kind}", "p:{prefix}", "p:{type", "p:type}"] {
             assert!(StreamTemplate::parse(bad).is_err(), "{bad:?} was accepted");
         }
-        let msg = StreamTemplate::parse("p:{kind}")
-            .err()
-            .map(|e| e.to_string());
+        let msg = |t: &str| StreamTemplate::parse(t).err().map(|e| e.to_string());
         assert_eq!(
-            msg.as_deref(),
+            msg("p:{kind}").as_deref(),
             Some(
                 "invalid configuration: stream \"p:{kind}\" has an unknown placeholder {kind} \
                  (known: {type}, {subject}, {source})"
             )
+        );
+        assert_eq!(
+            msg("p:{type").as_deref(),
+            Some(
+                "invalid configuration: stream \"p:{type\" has a '{' without a matching '}' \
+                 (write '{{' for a literal brace)"
+            )
+        );
+        assert_eq!(
+            msg("").as_deref(),
+            Some("invalid configuration: stream \"\" is empty")
         );
     }
 }

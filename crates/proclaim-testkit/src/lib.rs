@@ -9,6 +9,7 @@
 pub mod conformance;
 pub mod mysql;
 pub mod nats;
+pub mod net;
 pub mod pg;
 pub mod publisher;
 pub mod publisher_conformance;

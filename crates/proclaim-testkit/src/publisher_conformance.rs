@@ -298,10 +298,8 @@ pub async fn a_broker_that_never_answers_is_a_transient_error<H: PublisherHarnes
 pub async fn an_unreachable_broker_fails_fast<H: PublisherHarness>() {
     crate::init_tracing();
     let h = H::setup(H::broker(), TIMEOUT).await;
-    // A port that was just free: bind, note it, close.
-    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = free.local_addr().unwrap();
-    drop(free);
+    // A port that was just free: nothing listens there.
+    let addr = crate::net::free_addr();
     match tokio::time::timeout(HANG, h.connect(addr)).await {
         Err(_) => panic!("connecting to {addr} hung for {HANG:?}"),
         Ok(Err(message)) => {

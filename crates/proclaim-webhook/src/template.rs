@@ -3,11 +3,15 @@
 use std::fmt;
 
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use proclaim_core::template::{Part, Placeholder, Template};
 use proclaim_core::{ConfigError, Event};
 use reqwest::Url;
 
 /// The placeholders a URL template may use.
-const PLACEHOLDERS: &str = "{type}, {subject}";
+const PLACEHOLDERS: &[Placeholder] = &[Placeholder::Type, Placeholder::Subject];
+
+/// [`PLACEHOLDERS`] as written, for error messages.
+const PLACEHOLDER_NAMES: &str = "{type}, {subject}";
 
 /// Everything but the RFC 3986 unreserved characters is percent-encoded in a
 /// value, so that a value stays inside its path segment or query parameter.
@@ -17,41 +21,9 @@ const VALUE: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'_')
     .remove(b'~');
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Placeholder {
-    Type,
-    Subject,
-}
-
-impl Placeholder {
-    fn parse(name: &str) -> Option<Self> {
-        match name {
-            "type" => Some(Placeholder::Type),
-            "subject" => Some(Placeholder::Subject),
-            _ => None,
-        }
-    }
-
-    fn attribute(self) -> &'static str {
-        match self {
-            Placeholder::Type => "type",
-            Placeholder::Subject => "subject",
-        }
-    }
-
-    fn value(self, event: &Event) -> &str {
-        match self {
-            Placeholder::Type => event.event_type(),
-            Placeholder::Subject => event.subject(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Part {
-    Literal(String),
-    /// A placeholder, and whether it lies in the path (not the query).
-    Placeholder(Placeholder, bool),
+/// The event's value for a placeholder.
+fn value_of(placeholder: Placeholder, event: &Event) -> &str {
+    placeholder.of(event).unwrap_or_default()
 }
 
 /// A parsed endpoint URL such as `https://hooks.example.com/events/{type}`.
@@ -60,7 +32,9 @@ enum Part {
 /// attributes, percent-encoded (every character but letters, digits and
 /// `-._~`), so a value never leaves its path segment or query parameter.
 /// They may appear in the path and the query, not in the scheme or host.
-/// A URL without placeholders posts every event to the same endpoint.
+/// `{{` and `}}` stand for literal braces, which the URL parser
+/// percent-encodes in the path (`%7B`, `%7D`) and keeps as they are in the
+/// query. A URL without placeholders posts every event to the same endpoint.
 ///
 /// The template is checked when parsed: it must be an `http` or `https` URL
 /// with a host, and use only known placeholders with balanced braces.
@@ -80,8 +54,7 @@ enum Part {
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UrlTemplate {
-    text: String,
-    parts: Vec<Part>,
+    template: Template,
 }
 
 impl UrlTemplate {
@@ -110,61 +83,14 @@ impl UrlTemplate {
         }
         if authority.contains(['{', '}']) {
             return Err(fail(format!(
-                "has a placeholder in its host: placeholders ({PLACEHOLDERS}) may only \
+                "has a placeholder in its host: placeholders ({PLACEHOLDER_NAMES}) may only \
                  appear in the path or the query"
             )));
         }
 
-        let mut parts = Vec::new();
-        let mut literal = String::new();
-        let mut in_path = true;
-        let mut chars = template.chars();
-        while let Some(c) = chars.next() {
-            match c {
-                '{' => {
-                    let mut name = String::new();
-                    let mut closed = false;
-                    for c in chars.by_ref() {
-                        match c {
-                            '}' => {
-                                closed = true;
-                                break;
-                            }
-                            '{' => return Err(fail("has a '{' inside a placeholder".into())),
-                            c => name.push(c),
-                        }
-                    }
-                    if !closed {
-                        return Err(fail("has a '{' without a matching '}'".into()));
-                    }
-                    let Some(placeholder) = Placeholder::parse(&name) else {
-                        return Err(fail(format!(
-                            "has an unknown placeholder {{{name}}} (known: {PLACEHOLDERS})"
-                        )));
-                    };
-                    if !literal.is_empty() {
-                        parts.push(Part::Literal(std::mem::take(&mut literal)));
-                    }
-                    parts.push(Part::Placeholder(placeholder, in_path));
-                }
-                '}' => return Err(fail("has a '}' without a matching '{'".into())),
-                c => {
-                    if c == '?' || c == '#' {
-                        in_path = false;
-                    }
-                    literal.push(c);
-                }
-            }
-        }
-        if !literal.is_empty() {
-            parts.push(Part::Literal(literal));
-        }
-        let parsed = UrlTemplate {
-            text: template.to_owned(),
-            parts,
-        };
+        let template = Template::parse(template, PLACEHOLDERS).map_err(|e| fail(e.to_string()))?;
         // With every placeholder filled, the result must be a URL.
-        let sample = parsed.render_with(|_| "x".into());
+        let sample = template.render_with(|_| "x");
         let url = Url::parse(&sample).map_err(|e| {
             fail(format!(
                 "is not a valid URL (e.g. {:?}): {e}",
@@ -174,46 +100,44 @@ impl UrlTemplate {
         if url.host_str().is_none_or(str::is_empty) {
             return Err(fail("names no host".into()));
         }
-        Ok(parsed)
+        Ok(UrlTemplate { template })
     }
 
     /// The template text, as given.
     pub fn as_str(&self) -> &str {
-        &self.text
+        self.template.as_str()
     }
 
     /// Whether the template has placeholders (otherwise every event goes to
     /// the same URL).
     pub fn has_placeholders(&self) -> bool {
-        self.parts
-            .iter()
-            .any(|p| matches!(p, Part::Placeholder(..)))
+        !self.template.is_fixed()
     }
 
     /// The URL for `event`. Fails when a value cannot stand in the URL: an
     /// empty value, or `.` / `..` in the path (a dot segment would move the
     /// request to another path). Such an event can never be posted.
     pub fn render(&self, event: &Event) -> Result<Url, InvalidUrlValue> {
-        for part in &self.parts {
-            if let Part::Placeholder(p, in_path) = part {
-                let value = p.value(event);
-                let reason = if value.is_empty() {
-                    Some("is empty")
-                } else if *in_path && (value == "." || value == "..") {
-                    Some("is a dot segment, which would change the URL's path")
-                } else {
-                    None
-                };
-                if let Some(reason) = reason {
-                    return Err(InvalidUrlValue {
-                        attribute: p.attribute(),
-                        value: value.to_owned(),
-                        reason: reason.to_owned(),
-                    });
-                }
+        for (p, in_path) in self.placeholders() {
+            let value = value_of(p, event);
+            let reason = if value.is_empty() {
+                Some("is empty")
+            } else if in_path && (value == "." || value == "..") {
+                Some("is a dot segment, which would change the URL's path")
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                return Err(InvalidUrlValue {
+                    attribute: p.attribute(),
+                    value: value.to_owned(),
+                    reason: reason.to_owned(),
+                });
             }
         }
-        let text = self.render_with(|p| utf8_percent_encode(p.value(event), VALUE).to_string());
+        let text = self
+            .template
+            .render_with(|p| utf8_percent_encode(value_of(p, event), VALUE).to_string());
         Url::parse(&text).map_err(|e| InvalidUrlValue {
             attribute: "rendered URL",
             value: redact_url(&text),
@@ -221,21 +145,28 @@ impl UrlTemplate {
         })
     }
 
-    fn render_with(&self, mut value: impl FnMut(Placeholder) -> String) -> String {
-        let mut out = String::new();
-        for part in &self.parts {
-            match part {
-                Part::Literal(text) => out.push_str(text),
-                Part::Placeholder(p, _) => out.push_str(&value(*p)),
-            }
-        }
-        out
+    /// Each placeholder, and whether it lies in the path: it lies in the
+    /// query (or fragment) once a literal before it has a `?` or `#`.
+    fn placeholders(&self) -> impl Iterator<Item = (Placeholder, bool)> + '_ {
+        let mut in_path = true;
+        self.template
+            .parts()
+            .iter()
+            .filter_map(move |part| match part {
+                Part::Literal(text) => {
+                    if text.contains(['?', '#']) {
+                        in_path = false;
+                    }
+                    None
+                }
+                Part::Placeholder(p) => Some((*p, in_path)),
+            })
     }
 }
 
 impl fmt::Display for UrlTemplate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&redact_url(&self.text))
+        f.write_str(&redact_url(self.template.as_str()))
     }
 }
 
@@ -341,29 +272,61 @@ mod tests {
 
     #[test]
     fn bad_templates_are_rejected() {
+        // The placeholder syntax itself is tested in proclaim_core::template.
         for bad in [
             "",
             "h.example/{type}",
             "ftp://h.example/{type}",
             "http:///{type}",
             "http://{type}.example/",
+            "http://{{h}}.example/",
             "http://h.example/{kind}",
+            "http://h.example/{source}",
             "http://h.example/{type",
-            "http://h.example/type}",
-            "http://h.example/{ty{pe}}",
             "http://h.example:99999/",
         ] {
             assert!(UrlTemplate::parse(bad).is_err(), "{bad:?} was accepted");
         }
-        let msg = UrlTemplate::parse("http://u:s3cret@h.example/{kind}")
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
+        let msg = |t: &str| {
+            UrlTemplate::parse(t)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
         assert_eq!(
-            msg,
+            msg("http://u:s3cret@h.example/{kind}"),
             "invalid configuration: url \"http://***@h.example/{kind}\" has an unknown \
              placeholder {kind} (known: {type}, {subject})"
         );
+        assert_eq!(
+            msg("http://u:s3cret@h.example/type}"),
+            "invalid configuration: url \"http://***@h.example/type}\" has a '}' without a \
+             matching '{' (write '}}' for a literal brace)"
+        );
+    }
+
+    #[test]
+    fn doubled_braces_are_literal_braces() {
+        let e = event("T", "k");
+        // In the path the URL parser percent-encodes a brace ...
+        assert_eq!(
+            render("https://h.example/{{a}}/{type}", &e),
+            "https://h.example/%7Ba%7D/T"
+        );
+        // ... in the query it keeps it as it is.
+        assert_eq!(
+            render("https://h.example/x?f={{a}}&t={type}", &e),
+            "https://h.example/x?f={a}&t=T"
+        );
+        let t = parse("https://h.example/{{a}}");
+        assert_eq!(t.as_str(), "https://h.example/{{a}}");
+        assert!(!t.has_placeholders());
+        // A `?` after an escaped brace still starts the query.
+        let t = parse("https://h.example/{{a}}?s={subject}");
+        assert!(t.render(&event("T", "..")).is_ok());
+        // A placeholder in the path after an escaped brace is still checked.
+        let t = parse("https://h.example/{{a}}/{subject}");
+        assert!(t.render(&event("T", "..")).is_err());
     }
 
     #[test]

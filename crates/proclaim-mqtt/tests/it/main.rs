@@ -14,6 +14,7 @@ use proclaim_mqtt::rumqttc::v5::mqttbytes::QoS;
 use proclaim_mqtt::rumqttc::v5::mqttbytes::v5::{Packet, Publish, SubscribeReasonCode};
 use proclaim_mqtt::rumqttc::v5::{AsyncClient, Event as MqttEvent, MqttOptions};
 use proclaim_mqtt::{ContentMode, MqttConfig, MqttError, MqttPublisher, decode_publish, dedup_id};
+use proclaim_testkit::net::{SilentServer, free_addr};
 use proclaim_testkit::proxy::{FaultMode, FaultProxy};
 use proclaim_testkit::{eventually, unique_suffix};
 
@@ -374,14 +375,8 @@ async fn an_invalid_config_is_rejected_before_connecting() {
 #[tokio::test]
 async fn a_broker_that_never_answers_times_out_instead_of_hanging() {
     // Accepts TCP connections but never sends CONNACK.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let silent = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((socket, _)) = listener.accept().await {
-            held.push(socket);
-        }
-    });
+    let silent = SilentServer::start().await;
+    let port = silent.port();
 
     let started = Instant::now();
     let config = MqttConfig::default()
@@ -397,7 +392,6 @@ async fn a_broker_that_never_answers_times_out_instead_of_hanging() {
         err.to_string(),
         format!("cannot connect to MQTT broker at mqtt://127.0.0.1:{port}: timed out after 500ms")
     );
-    silent.abort();
 }
 
 #[tokio::test]
@@ -610,10 +604,7 @@ impl Drop for TempDir {
 
 impl SmallBroker {
     async fn start(max_packet_size: u32) -> SmallBroker {
-        let port = {
-            let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            free.local_addr().unwrap().port()
-        };
+        let port = free_addr().port();
         let dir = std::env::temp_dir().join(format!("proclaim-mqtt-{}", unique_suffix()));
         std::fs::create_dir_all(&dir).unwrap();
         let conf = dir.join("mosquitto.conf");

@@ -9,6 +9,7 @@ use async_nats::jetstream::stream::StorageType;
 use proclaim_core::{Event, OutboxRecord, Publisher};
 use proclaim_nats::{NatsConfig, NatsError, NatsPublisher, decode_message};
 use proclaim_testkit::nats::{TestStream, nats_url};
+use proclaim_testkit::net::SilentServer;
 
 mod conformance;
 
@@ -338,14 +339,8 @@ async fn test_streams_are_deleted_even_when_a_test_panics() {
 #[tokio::test]
 async fn a_server_that_never_answers_times_out_instead_of_hanging() {
     // Accepts TCP connections but never sends the NATS INFO line.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let silent = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((socket, _)) = listener.accept().await {
-            held.push(socket);
-        }
-    });
+    let silent = SilentServer::start().await;
+    let port = silent.port();
 
     let started = Instant::now();
     let config = NatsConfig::default()
@@ -361,5 +356,4 @@ async fn a_server_that_never_answers_times_out_instead_of_hanging() {
         err.to_string(),
         format!("cannot connect to NATS at nats://127.0.0.1:{port}: timed out after 500ms")
     );
-    silent.abort();
 }

@@ -12,6 +12,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, ExchangeKind};
 use proclaim_core::{Event, OutboxRecord, Publisher};
 use proclaim_rabbitmq::{DecodeError, RabbitConfig, RabbitError, RabbitPublisher, decode_delivery};
+use proclaim_testkit::net::SilentServer;
 use proclaim_testkit::proxy::{FaultMode, FaultProxy};
 use support::{TestQueue, amqp_url, broker_addr, exchange_exists, url_via};
 
@@ -277,21 +278,8 @@ async fn an_unreachable_broker_fails_fast_and_names_the_url() {
 async fn a_server_that_never_answers_times_out_instead_of_hanging() {
     proclaim_testkit::init_tracing();
     // Accepts TCP connections but never answers the AMQP protocol header.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel();
-    let silent = tokio::spawn(async move {
-        while let Ok((mut socket, _)) = listener.accept().await {
-            let closed = closed_tx.clone();
-            tokio::spawn(async move {
-                use tokio::io::AsyncReadExt;
-                let mut buf = [0_u8; 64];
-                // Read until the client gives up and closes.
-                while matches!(socket.read(&mut buf).await, Ok(n) if n > 0) {}
-                let _ = closed.send(());
-            });
-        }
-    });
+    let mut silent = SilentServer::start().await;
+    let port = silent.port();
 
     let started = Instant::now();
     let config = RabbitConfig::default()
@@ -308,10 +296,13 @@ async fn a_server_that_never_answers_times_out_instead_of_hanging() {
         format!("cannot connect to RabbitMQ at amqp://127.0.0.1:{port}/%2f: timed out after 500ms")
     );
     // The abandoned attempt's socket is closed, not left to linger.
-    tokio::time::timeout(Duration::from_secs(2), closed_rx.recv())
-        .await
-        .expect("the abandoned connection was not closed")
-        .unwrap();
+    assert!(
+        silent
+            .wait_for_close(Duration::from_secs(2))
+            .await
+            .is_some(),
+        "the abandoned connection was not closed"
+    );
 
     // A lazily built publisher reports the same through ready() and publish.
     let publisher = RabbitPublisher::new(config).unwrap();
@@ -325,7 +316,6 @@ async fn a_server_that_never_answers_times_out_instead_of_hanging() {
         started.elapsed()
     );
     assert!(err.to_string().ends_with("timed out after 500ms"), "{err}");
-    silent.abort();
 }
 
 #[tokio::test]

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use proclaim_core::{Event, OutboxRecord, Publisher};
 use proclaim_redis::redis::{self, Value};
 use proclaim_redis::{DecodeError, RedisConfig, RedisError, RedisPublisher, decode_entry};
+use proclaim_testkit::net::{SilentServer, free_addr};
 
 mod conformance;
 mod support;
@@ -442,9 +443,7 @@ async fn a_wrong_password_is_a_clear_error_without_the_password() {
 
 #[tokio::test]
 async fn an_unreachable_server_fails_fast_and_names_the_url() {
-    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = free.local_addr().unwrap().port();
-    drop(free);
+    let port = free_addr().port();
     let started = Instant::now();
     let config = RedisConfig::default()
         .with_url(format!("redis://relay:s3cret@127.0.0.1:{port}"))
@@ -465,14 +464,8 @@ async fn an_unreachable_server_fails_fast_and_names_the_url() {
 #[tokio::test]
 async fn a_server_that_never_answers_times_out_instead_of_hanging() {
     // Accepts TCP connections but never answers a command.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let silent = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((socket, _)) = listener.accept().await {
-            held.push(socket);
-        }
-    });
+    let silent = SilentServer::start().await;
+    let port = silent.port();
 
     let started = Instant::now();
     let config = RedisConfig::default()
@@ -488,7 +481,6 @@ async fn a_server_that_never_answers_times_out_instead_of_hanging() {
         err.to_string(),
         format!("cannot connect to Redis at redis://127.0.0.1:{port}: timed out after 500ms")
     );
-    silent.abort();
 }
 
 #[tokio::test]

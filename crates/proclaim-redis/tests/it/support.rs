@@ -240,9 +240,7 @@ impl PrivateRedis {
         // A port that was just free; another process may take it meanwhile,
         // so try a few.
         for _ in 0..5 {
-            let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            server.port = free.local_addr().unwrap().port();
-            drop(free);
+            server.port = proclaim_testkit::net::free_addr().port();
             if server.spawn().await {
                 return server;
             }

@@ -13,6 +13,7 @@ use axum::body::Bytes;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use proclaim_core::{Event, OutboxRecord, PublishError, Publisher};
+use proclaim_testkit::net::{SilentServer, free_addr};
 use proclaim_testkit::proxy::FaultProxy;
 use proclaim_webhook::{
     ContentMode, DecodeError, STRUCTURED_CONTENT_TYPE, Verifier, VerifyError, WEBHOOK_ID,
@@ -367,15 +368,9 @@ async fn a_redirect_is_permanent_names_the_location_and_is_not_followed() {
 
 #[tokio::test]
 async fn a_server_that_never_answers_is_transient_within_the_timeout() {
-    // Accepts connections, reads nothing, answers nothing.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let silent = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((socket, _)) = listener.accept().await {
-            held.push(socket);
-        }
-    });
+    // Accepts connections, answers nothing.
+    let silent = SilentServer::start().await;
+    let addr = silent.addr();
     let config = WebhookConfig::new(format!("http://{addr}/hook"))
         .with_timeout(Duration::from_millis(500))
         .with_connect_timeout(Duration::from_millis(500));
@@ -393,14 +388,11 @@ async fn a_server_that_never_answers_is_transient_within_the_timeout() {
             .ends_with("no answer within the timeout of 500ms"),
         "{err}"
     );
-    silent.abort();
 }
 
 #[tokio::test]
 async fn a_refused_connection_is_transient() {
-    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = free.local_addr().unwrap();
-    drop(free);
+    let addr = free_addr();
     let publisher = publisher(WebhookConfig::new(format!("http://{addr}/hook")));
     let started = Instant::now();
     let err = fails(&publisher, donor_secured()).await;
