@@ -115,6 +115,12 @@ pub(crate) struct DemoArgs {
 
 #[derive(Debug, Args)]
 pub(crate) struct RelayArgs {
+    /// Where to send events, as a URL whose scheme picks the broker: nats://, amqp://, redis://, mqtt://, http(s)://; parameters set the publisher's settings, `name` and `types` (e.g. ?types=Donor*) route by event type. Repeat for fan-out. Replaces the NATS flags below and the config file's [nats] and [[destination]].
+    #[arg(long = "destination", env = "PROCLAIM_DESTINATION", value_name = "URL")]
+    pub(crate) destinations: Vec<String>,
+    /// With several destinations: what to do with an event no destination's types match.
+    #[arg(long, env = "PROCLAIM_UNROUTED", value_enum)]
+    pub(crate) unrouted: Option<UnroutedArg>,
     /// NATS server URL [default: nats://127.0.0.1:4222].
     #[arg(long, env = "PROCLAIM_NATS_URL")]
     pub(crate) nats_url: Option<String>,
@@ -151,6 +157,16 @@ pub(crate) struct RelayArgs {
     /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9464.
     #[arg(long, env = "PROCLAIM_METRICS_ADDR")]
     pub(crate) metrics_addr: Option<std::net::SocketAddr>,
+}
+
+/// What the fan-out does with an event that matches no destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum UnroutedArg {
+    /// Dead-letter it (visible in `proclaim status`, replayable).
+    DeadLetter,
+    /// Drop it.
+    Drop,
 }
 
 #[derive(Debug, Args)]

@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use clap::Parser;
+use proclaim::destination::Destination;
 use proptest::prelude::*;
+use proptest::test_runner::TestCaseError;
 
 use crate::args::{Cli, Command, RelayArgs};
 use crate::settings::{FileConfig, relay_settings};
@@ -345,14 +347,22 @@ proptest! {
     fn relay_flags_override_the_file(flags in relay_flags()) {
         let args = relay_args(&flags.argv())?;
         match relay_settings(&args, FileConfig::default()) {
-            Ok((relay, nats, metrics_addr)) => {
+            Ok(settings) => {
+                let (relay, metrics_addr) = (&settings.relay, settings.metrics_addr);
+                prop_assert!(settings.is_direct());
+                let [only] = settings.destinations.as_slice() else {
+                    return Err(TestCaseError::fail("one destination expected"));
+                };
+                let Destination::Nats(nats) = &only.destination else {
+                    return Err(TestCaseError::fail("the default destination is NATS"));
+                };
                 if let Some(v) = flags.batch_size { prop_assert_eq!(relay.batch_size, v); }
                 if let Some(v) = flags.max_attempts { prop_assert_eq!(relay.max_attempts, v); }
                 if let Some((_, d)) = flags.lease { prop_assert_eq!(relay.lease, d); }
                 if let Some((_, d)) = flags.publish_timeout { prop_assert_eq!(relay.publish_timeout, d); }
                 if let Some((_, d)) = flags.poll_interval { prop_assert_eq!(relay.poll_interval, d); }
                 prop_assert_eq!(relay.retention, flags.retention.map(|(_, d)| d));
-                if let Some(v) = flags.stream { prop_assert_eq!(nats.stream, v); }
+                if let Some(v) = flags.stream { prop_assert_eq!(&nats.stream, &v); }
                 prop_assert_eq!(nats.create_stream, flags.create_stream);
                 prop_assert_eq!(metrics_addr, flags.metrics_addr);
                 prop_assert_eq!(relay.validate(), Ok(()));

@@ -61,13 +61,7 @@ pub(crate) async fn open(settings: &StoreSettings, pool_size: u32) -> anyhow::Re
     let cannot = || format!("cannot connect to the database at {}", redact(url));
     match scheme {
         "postgres" | "postgresql" => {
-            let mut options = PgOutboxOptions::default();
-            if let Some(schema) = &settings.schema {
-                options = options.with_schema(schema);
-            }
-            if let Some(table) = &settings.table {
-                options = options.with_table(table);
-            }
+            let options = pg_options(settings);
             options.validate()?;
             let pool = PgPoolOptions::new()
                 .max_connections(pool_size)
@@ -79,10 +73,7 @@ pub(crate) async fn open(settings: &StoreSettings, pool_size: u32) -> anyhow::Re
         }
         "sqlite" => {
             no_schema(settings)?;
-            let mut options = SqliteOutboxOptions::default();
-            if let Some(table) = &settings.table {
-                options = options.with_table(table);
-            }
+            let options = sqlite_options(settings);
             options.validate()?;
             let opened = SqliteOutbox::connect(url).await.with_context(cannot)?;
             Ok(Outbox::Sqlite(SqliteOutbox::with_options(
@@ -92,10 +83,7 @@ pub(crate) async fn open(settings: &StoreSettings, pool_size: u32) -> anyhow::Re
         }
         "mysql" | "mariadb" => {
             no_schema(settings)?;
-            let mut options = MySqlOutboxOptions::default();
-            if let Some(table) = &settings.table {
-                options = options.with_table(table);
-            }
+            let options = mysql_options(settings);
             options.validate()?;
             let url = url.replacen("mariadb://", "mysql://", 1);
             let pool = MySqlPoolOptions::new()
@@ -110,6 +98,86 @@ pub(crate) async fn open(settings: &StoreSettings, pool_size: u32) -> anyhow::Re
             "unsupported database URL {:?}: expected postgres://…, sqlite:… or mysql://…",
             redact(url)
         ))),
+    }
+}
+
+fn pg_options(settings: &StoreSettings) -> PgOutboxOptions {
+    let mut options = PgOutboxOptions::default();
+    if let Some(schema) = &settings.schema {
+        options = options.with_schema(schema);
+    }
+    if let Some(table) = &settings.table {
+        options = options.with_table(table);
+    }
+    options
+}
+
+fn sqlite_options(settings: &StoreSettings) -> SqliteOutboxOptions {
+    let mut options = SqliteOutboxOptions::default();
+    if let Some(table) = &settings.table {
+        options = options.with_table(table);
+    }
+    options
+}
+
+fn mysql_options(settings: &StoreSettings) -> MySqlOutboxOptions {
+    let mut options = MySqlOutboxOptions::default();
+    if let Some(table) = &settings.table {
+        options = options.with_table(table);
+    }
+    options
+}
+
+/// A store whose fan-out lanes are outbox tables of its own kind, in the
+/// same database, sharing its connection pool.
+pub(crate) trait LaneStore: Sized {
+    /// The lane of destination `name`: table `<table>_<name>`.
+    fn lane(&self, settings: &StoreSettings, name: &str) -> anyhow::Result<Self>;
+    /// Creates or updates the lane's table.
+    fn migrate_lane(&self) -> impl std::future::Future<Output = anyhow::Result<()>> + Send;
+    /// The lane's table, for messages.
+    fn table(&self) -> String;
+}
+
+impl LaneStore for PgOutbox {
+    fn lane(&self, settings: &StoreSettings, name: &str) -> anyhow::Result<Self> {
+        let mut options = pg_options(settings);
+        options.table = format!("{}_{name}", options.table);
+        Ok(PgOutbox::with_options(self.pool().clone(), options)?)
+    }
+    async fn migrate_lane(&self) -> anyhow::Result<()> {
+        Ok(self.migrate().await?)
+    }
+    fn table(&self) -> String {
+        self.table_name().to_owned()
+    }
+}
+
+impl LaneStore for SqliteOutbox {
+    fn lane(&self, settings: &StoreSettings, name: &str) -> anyhow::Result<Self> {
+        let mut options = sqlite_options(settings);
+        options.table = format!("{}_{name}", options.table);
+        Ok(SqliteOutbox::with_options(self.pool().clone(), options)?)
+    }
+    async fn migrate_lane(&self) -> anyhow::Result<()> {
+        Ok(self.migrate().await?)
+    }
+    fn table(&self) -> String {
+        self.table_name().to_owned()
+    }
+}
+
+impl LaneStore for MySqlOutbox {
+    fn lane(&self, settings: &StoreSettings, name: &str) -> anyhow::Result<Self> {
+        let mut options = mysql_options(settings);
+        options.table = format!("{}_{name}", options.table);
+        Ok(MySqlOutbox::with_options(self.pool().clone(), options)?)
+    }
+    async fn migrate_lane(&self) -> anyhow::Result<()> {
+        Ok(self.migrate().await?)
+    }
+    fn table(&self) -> String {
+        self.table_name().to_owned()
     }
 }
 

@@ -25,8 +25,8 @@ mod record;
 mod redact;
 mod relay;
 mod store;
-pub mod template;
 pub mod store_support;
+pub mod template;
 
 pub use admin::{DeadLetterEntry, OutboxAdmin};
 pub use backoff::Backoff;
@@ -37,8 +37,8 @@ pub use event::{
     JSON_CONTENT_TYPE, SPEC_VERSION, TRACEPARENT,
 };
 pub use publisher::{PublishError, PublishErrorKind, Publisher};
-pub use redact::redact_url;
 pub use record::{ClaimedBatch, LeaseToken, MalformedRecord, OutboxRecord};
+pub use redact::redact_url;
 pub use relay::{Relay, RelayHandle, RelayReport};
 pub use store::{
     AckMode, BatchOutcome, BoxError, CompleteReport, DeadLetter, OutboxStats, OutboxStore, Retry,

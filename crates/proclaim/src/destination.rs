@@ -42,7 +42,7 @@
 //! # Ok::<(), proclaim::ConfigError>(())
 //! ```
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
@@ -398,6 +398,107 @@ impl NamedDestination {
             destination,
         })
     }
+}
+
+/// One `[[destination]]` section of a config file: a name, the event types
+/// it takes, and either a destination URL or one broker section with the
+/// publisher's settings (its config, field by field).
+///
+/// ```
+/// use proclaim::destination::DestinationSection;
+///
+/// let section: DestinationSection = serde_json::from_value(serde_json::json!({
+///     "name": "alerts",
+///     "types": "Donor*",
+///     "nats": { "url": "nats://127.0.0.1:4222", "stream": "ALERTS" },
+/// }))?;
+/// let d = section.resolve()?;
+/// assert_eq!((d.name.as_str(), d.types.as_str()), ("alerts", "Donor*"));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DestinationSection {
+    /// The destination's name (default: the broker kind, e.g. `nats`).
+    pub name: Option<String>,
+    /// The event types it takes (default `*`).
+    pub types: Option<String>,
+    /// A destination URL, as for `--destination`.
+    pub url: Option<String>,
+    /// NATS JetStream settings.
+    #[cfg(feature = "nats")]
+    pub nats: Option<NatsConfig>,
+    /// RabbitMQ settings.
+    #[cfg(feature = "rabbitmq")]
+    pub rabbitmq: Option<RabbitConfig>,
+    /// Redis Streams settings.
+    #[cfg(feature = "redis")]
+    pub redis: Option<RedisConfig>,
+    /// MQTT settings.
+    #[cfg(feature = "mqtt")]
+    pub mqtt: Option<MqttConfig>,
+    /// Webhook settings.
+    #[cfg(feature = "webhook")]
+    pub webhook: Option<WebhookConfig>,
+}
+
+impl DestinationSection {
+    /// Checks the section and gives the destination it describes.
+    pub fn resolve(self) -> Result<NamedDestination, ConfigError> {
+        let label = self.name.clone().unwrap_or_else(|| "(unnamed)".into());
+        let fail = |reason: String| ConfigError(format!("[[destination]] {label}: {reason}"));
+        let mut found: Vec<Destination> = Vec::new();
+        #[cfg(feature = "nats")]
+        found.extend(self.nats.map(Destination::Nats));
+        #[cfg(feature = "rabbitmq")]
+        found.extend(self.rabbitmq.map(Destination::RabbitMq));
+        #[cfg(feature = "redis")]
+        found.extend(self.redis.map(Destination::Redis));
+        #[cfg(feature = "mqtt")]
+        found.extend(self.mqtt.map(Destination::Mqtt));
+        #[cfg(feature = "webhook")]
+        found.extend(self.webhook.map(Destination::Webhook));
+        let sections = || format!("url or one of the broker sections ({})", broker_sections());
+        let mut named = match (self.url, found.len()) {
+            (Some(url), 0) => NamedDestination::parse(&url)?,
+            (None, 1) => {
+                let destination = found.remove(0);
+                destination.validate().map_err(|e| fail(e.0))?;
+                NamedDestination {
+                    name: destination.kind().to_owned(),
+                    types: TypePattern::parse("*")?,
+                    destination,
+                }
+            }
+            (None, 0) => return Err(fail(format!("says nowhere to send: set {}", sections()))),
+            _ => return Err(fail(format!("names more than one broker: set only {}", sections()))),
+        };
+        if let Some(name) = self.name {
+            check_name(&name).map_err(|e| fail(e.0))?;
+            named.name = name;
+        }
+        if let Some(types) = self.types {
+            named.types = TypePattern::parse(&types).map_err(|e| fail(e.0))?;
+        }
+        Ok(named)
+    }
+}
+
+/// The broker sections this build supports, for messages.
+fn broker_sections() -> String {
+    let sections: &[&str] = &[
+        #[cfg(feature = "nats")]
+        "nats",
+        #[cfg(feature = "rabbitmq")]
+        "rabbitmq",
+        #[cfg(feature = "redis")]
+        "redis",
+        #[cfg(feature = "mqtt")]
+        "mqtt",
+        #[cfg(feature = "webhook")]
+        "webhook",
+    ];
+    sections.join(", ")
 }
 
 /// The schemes this build supports, for messages.

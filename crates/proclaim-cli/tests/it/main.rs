@@ -5,9 +5,9 @@ use std::collections::HashSet;
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
-use proclaim::Event;
 use proclaim::nats::decode_message;
 use proclaim::postgres::{PgOutbox, PgOutboxOptions};
+use proclaim::{Event, OutboxStore};
 use proclaim_testkit::eventually;
 use proclaim_testkit::nats::{TestStream, nats_url};
 use proclaim_testkit::pg::{TestSchema, database_url};
@@ -128,6 +128,23 @@ async fn bad_input_gives_one_line_and_exit_code_2() {
     assert_fails(&out, 2, "unsupported database URL");
     let out = run(&mut bound(&ts, None), &["--schema", "x; drop", "status"]).await;
     assert_fails(&out, 2, "not a valid identifier");
+    let out = run(
+        &mut bound(&ts, None),
+        &["relay", "--destination", "gopher://127.0.0.1:70"],
+    )
+    .await;
+    assert_fails(&out, 2, "unsupported scheme \"gopher\"");
+    let out = run(
+        &mut bound(&ts, None),
+        &[
+            "relay",
+            "--destination",
+            "amqp://u:s3cret@127.0.0.1:5672?exchnage=x",
+        ],
+    )
+    .await;
+    assert_fails(&out, 2, "unknown option \"exchnage\"");
+    assert!(!stderr(&out).contains("s3cret"), "{}", stderr(&out));
     let out = run(&mut bound(&ts, None), &["relay", "--lease", "1s"]).await;
     assert_fails(&out, 2, "lease");
     let out = run(&mut bound(&ts, None), &["relay", "--lease", "soon"]).await;
@@ -560,4 +577,137 @@ async fn chaos_rejects_bad_input_and_reports_unreachable_services() {
     )
     .await;
     assert_fails(&out, 1, "nats://127.0.0.1:1");
+}
+
+/// `--destination` URLs, one per broker, routed by type: NATS takes every
+/// event, Redis the donors, a webhook that is down the pledges. The two that
+/// are up receive theirs, once, in per-subject order, while the pledges wait
+/// in the webhook's own lane; SIGTERM still exits 0.
+#[tokio::test]
+async fn relay_fans_out_to_destination_urls_by_type() {
+    use proclaim::redis::redis::{self, AsyncCommands};
+    use proclaim::redis::{RedisConfig, RedisPublisher, decode_entry};
+
+    let ts = TestSchema::new().await;
+    let stream = TestStream::new().await;
+    let outbox = migrated(&ts).await;
+    let mut written = Vec::new();
+    for n in 0..50 {
+        let (event_type, key) = if n % 5 < 3 {
+            ("DonorSecured", format!("donor-{}", n % 4))
+        } else {
+            ("PledgeMade", format!("pledge-{}", n % 3))
+        };
+        written.push(
+            Event::builder(event_type)
+                .subject(key)
+                .data(&serde_json::json!({ "n": n }))
+                .build()
+                .unwrap(),
+        );
+    }
+    let mut tx = outbox.pool().begin().await.unwrap();
+    outbox.enqueue_batch(&mut tx, &written).await.unwrap();
+    tx.commit().await.unwrap();
+    let donors: Vec<&Event> = written
+        .iter()
+        .filter(|e| e.event_type() == "DonorSecured")
+        .collect();
+
+    let redis_key = format!("proclaim-cli-test:{}", ts.name);
+    let down = proclaim_testkit::net::free_addr();
+    let destinations = [
+        format!(
+            "{}?stream={}&subject_prefix={}&name=bus",
+            nats_url(),
+            stream.name,
+            stream.prefix
+        ),
+        format!("redis://127.0.0.1:6379?stream={redis_key}&types=Donor*&name=alerts"),
+        format!("http://{down}/hook#types=Pledge*&name=hooks&timeout=1s"),
+    ];
+    let mut relay = proclaim();
+    relay
+        .env("PROCLAIM_DATABASE_URL", database_url())
+        .env("PROCLAIM_SCHEMA", &ts.name)
+        .args(["relay", "--poll-interval", "100ms"]);
+    for d in &destinations {
+        relay.args(["--destination", d]);
+    }
+    let mut relay = relay.stdin(Stdio::null()).spawn().unwrap();
+
+    stream.wait_for_count(50, WAIT).await;
+    let publisher = RedisPublisher::connect(RedisConfig::default())
+        .await
+        .unwrap();
+    let mut conn = publisher.connection();
+    let entries: Vec<Event> =
+        proclaim_testkit::eventually_value(WAIT, "30 donors in the Redis stream", || {
+            let mut conn = conn.clone();
+            let key = redis_key.clone();
+            let expected = donors.len();
+            async move {
+                let reply: redis::streams::StreamRangeReply = conn.xrange_all(&key).await.ok()?;
+                (reply.ids.len() >= expected).then(|| {
+                    reply
+                        .ids
+                        .iter()
+                        .map(|entry| decode_entry(entry).unwrap().event)
+                        .collect()
+                })
+            }
+        })
+        .await;
+    let lane = |table: &str| {
+        PgOutbox::with_options(
+            ts.pool.clone(),
+            PgOutboxOptions::default()
+                .with_schema(&ts.name)
+                .with_table(table),
+        )
+        .unwrap()
+    };
+    let hooks = lane("outbox_hooks");
+    eventually(WAIT, "the pledges wait in the webhook's lane", || async {
+        let stats = hooks.stats().await.unwrap();
+        stats.pending + stats.in_flight == 20
+    })
+    .await;
+    sigterm(&relay);
+    let status = wait_for_exit(&mut relay).await;
+    let _: () = conn.del(&redis_key).await.unwrap();
+    assert!(
+        status.success(),
+        "relay must exit 0 after SIGTERM: {status:?}"
+    );
+
+    // Every event reached NATS once, in write order per subject.
+    let to_nats = delivered_ids(&stream).await;
+    assert_eq!(to_nats.len(), 50);
+    assert_eq!(
+        to_nats.iter().collect::<HashSet<_>>(),
+        written
+            .iter()
+            .map(Event::id)
+            .collect::<HashSet<_>>()
+            .iter()
+            .collect()
+    );
+    // Only the donors reached Redis, once each, each donor's events in
+    // write order (one stream).
+    let by_subject = |events: &mut dyn Iterator<Item = &Event>| {
+        let mut map = std::collections::BTreeMap::<String, Vec<uuid::Uuid>>::new();
+        for e in events {
+            map.entry(e.subject().to_owned()).or_default().push(e.id());
+        }
+        map
+    };
+    assert_eq!(entries.len(), donors.len());
+    assert_eq!(
+        by_subject(&mut entries.iter()),
+        by_subject(&mut written.iter().filter(|e| e.event_type() == "DonorSecured"))
+    );
+    // The main outbox is drained; the alerts lane too.
+    assert_eq!(outbox.stats().await.unwrap().pending, 0);
+    assert_eq!(lane("outbox_alerts").stats().await.unwrap().pending, 0);
 }
