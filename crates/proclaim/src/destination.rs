@@ -42,8 +42,8 @@
 //! # Ok::<(), proclaim::ConfigError>(())
 //! ```
 
-use serde::{Deserialize, Serialize};
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::fanout::TypePattern;
@@ -471,7 +471,12 @@ impl DestinationSection {
                 }
             }
             (None, 0) => return Err(fail(format!("says nowhere to send: set {}", sections()))),
-            _ => return Err(fail(format!("names more than one broker: set only {}", sections()))),
+            _ => {
+                return Err(fail(format!(
+                    "names more than one broker: set only {}",
+                    sections()
+                )));
+            }
         };
         if let Some(name) = self.name {
             check_name(&name).map_err(|e| fail(e.0))?;
