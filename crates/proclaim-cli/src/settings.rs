@@ -339,4 +339,26 @@ max_len = 1000
         };
         assert!(loaded.is_err_and(|e| e.contains("strem")));
     }
+
+    /// The README's `[[destination]]` example loads and resolves.
+    #[test]
+    fn the_readme_destination_example_is_valid() {
+        let readme = include_str!("../../../README.md");
+        let example = readme
+            .split("```toml")
+            .filter_map(|block| block.split("```").next())
+            .find(|block| block.contains("[[destination]]"))
+            .unwrap_or_else(|| panic!("no [[destination]] example in the README"));
+        let settings = relay_settings(&relay_args(&[]), file(example))
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        let names: Vec<_> = settings
+            .destinations
+            .iter()
+            .map(|d| (d.name.as_str(), d.destination.kind()))
+            .collect();
+        assert_eq!(
+            names,
+            [("bus", "nats"), ("crm", "webhook"), ("audit", "rabbitmq")]
+        );
+    }
 }
