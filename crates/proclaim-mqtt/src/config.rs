@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use proclaim_core::ConfigError;
+use proclaim_core::{ConfigError, redact_url};
 use serde::{Deserialize, Serialize};
 
 use crate::TopicTemplate;
@@ -229,9 +229,10 @@ impl MqttConfig {
         TopicTemplate::parse(&self.topic_template)
     }
 
-    /// [`MqttConfig::url`] with any credentials replaced by `***`, for messages.
+    /// [`MqttConfig::url`] with any credentials replaced by `***`, for messages
+    /// (see [`proclaim_core::redact_url`]).
     pub fn redacted_url(&self) -> String {
-        url::redact(&self.url)
+        redact_url(&self.url)
     }
 
     pub(crate) fn broker(&self) -> Result<BrokerUrl, ConfigError> {

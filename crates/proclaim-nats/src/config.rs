@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use async_nats::ServerAddr;
-use proclaim_core::ConfigError;
+use proclaim_core::{ConfigError, redact_url};
 use serde::{Deserialize, Serialize};
 
 use crate::SubjectTemplate;
@@ -177,25 +177,14 @@ impl NatsConfig {
         Ok(addrs)
     }
 
-    /// [`NatsConfig::url`] with any credentials replaced by `***`, for messages.
+    /// [`NatsConfig::url`] with any credentials replaced by `***`, for messages
+    /// (see [`proclaim_core::redact_url`]).
     pub fn redacted_url(&self) -> String {
         self.url
             .split(',')
             .map(|entry| redact_url(entry.trim()))
             .collect::<Vec<_>>()
             .join(",")
-    }
-}
-
-fn redact_url(url: &str) -> String {
-    let (scheme, rest) = match url.find("://") {
-        Some(i) => url.split_at(i + 3),
-        None => ("", url),
-    };
-    let authority = rest.split('/').next().unwrap_or_default();
-    match authority.rfind('@') {
-        Some(at) => format!("{scheme}***@{}", &rest[at + 1..]),
-        None => url.to_owned(),
     }
 }
 

@@ -10,12 +10,11 @@ use base64::alphabet;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use hmac::{Hmac, KeyInit, Mac};
 use http::{HeaderName, HeaderValue};
-use proclaim_core::ConfigError;
+use proclaim_core::{ConfigError, redact_url};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 use crate::UrlTemplate;
-use crate::template::redact_url;
 
 /// How an event is laid out in the request.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -224,7 +223,7 @@ impl WebhookConfig {
     }
 
     /// [`WebhookConfig::url`] with any credentials replaced by `***`, for
-    /// messages.
+    /// messages (see [`proclaim_core::redact_url`]).
     pub fn redacted_url(&self) -> String {
         redact_url(&self.url)
     }

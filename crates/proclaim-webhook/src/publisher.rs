@@ -7,11 +7,10 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
-use proclaim_core::{Event, OutboxRecord, PublishError, Publisher};
+use proclaim_core::{Event, OutboxRecord, PublishError, Publisher, redact_url};
 use reqwest::Client;
 use rustls_platform_verifier::BuilderVerifierExt as _;
 
-use crate::template::redact_url;
 use crate::{
     ContentMode, STRUCTURED_CONTENT_TYPE, UrlTemplate, WEBHOOK_ID, WEBHOOK_SIGNATURE,
     WEBHOOK_TIMESTAMP, WebhookConfig, WebhookError, headers,

@@ -4,7 +4,7 @@ use std::fmt;
 
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use proclaim_core::template::{Part, Placeholder, Template};
-use proclaim_core::{ConfigError, Event};
+use proclaim_core::{ConfigError, Event, redact_url};
 use reqwest::Url;
 
 /// The placeholders a URL template may use.
@@ -190,19 +190,6 @@ impl InvalidUrlValue {
     }
 }
 
-/// `url` with the user-info part (`user:password@`) replaced by `***@`.
-pub(crate) fn redact_url(url: &str) -> String {
-    let (scheme, rest) = match url.find("://") {
-        Some(i) => url.split_at(i + 3),
-        None => ("", url),
-    };
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    match authority.rfind('@') {
-        Some(at) => format!("{scheme}***@{}", &rest[at + 1..]),
-        None => url.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -330,12 +317,11 @@ mod tests {
     }
 
     #[test]
-    fn credentials_are_redacted() {
+    fn display_hides_credentials() {
+        let t = parse("https://u:p@h.example/{type}?key=k3y&t={subject}");
         assert_eq!(
-            redact_url("https://u:p@h.example/x"),
-            "https://***@h.example/x"
+            t.to_string(),
+            "https://***@h.example/{type}?key=***&t={subject}"
         );
-        assert_eq!(redact_url("https://h.example/x@y"), "https://h.example/x@y");
-        assert_eq!(redact_url("http://h.example"), "http://h.example");
     }
 }
