@@ -349,8 +349,8 @@ max_len = 1000
             .filter_map(|block| block.split("```").next())
             .find(|block| block.contains("[[destination]]"))
             .unwrap_or_else(|| panic!("no [[destination]] example in the README"));
-        let settings = relay_settings(&relay_args(&[]), file(example))
-            .unwrap_or_else(|e| panic!("{e:#}"));
+        let settings =
+            relay_settings(&relay_args(&[]), file(example)).unwrap_or_else(|e| panic!("{e:#}"));
         let names: Vec<_> = settings
             .destinations
             .iter()

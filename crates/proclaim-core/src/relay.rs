@@ -64,6 +64,8 @@ struct Shared<S, P> {
     counters: Arc<Counters>,
     /// Cancelled when shutdown starts: chains stop taking new events.
     stopping: CancellationToken,
+    /// Labels on every metric: `relay=<name>` for a named relay.
+    labels: Vec<metrics::Label>,
 }
 
 /// Delivers every committed outbox event to a [`Publisher`] at least once.
@@ -89,7 +91,7 @@ struct Shared<S, P> {
 /// # Ok(()) }
 /// ```
 pub struct Relay<S, P> {
-    shared: Arc<Shared<S, P>>,
+    shared: Shared<S, P>,
 }
 
 /// A relay running on its own task; see [`Relay::spawn`]. Dropping the
@@ -146,14 +148,24 @@ impl<S: OutboxStore, P: Publisher> Relay<S, P> {
     pub fn new(store: S, publisher: P, config: RelayConfig) -> Result<Self, ConfigError> {
         config.validate()?;
         Ok(Relay {
-            shared: Arc::new(Shared {
+            shared: Shared {
                 store,
                 publisher,
                 config,
                 counters: Arc::default(),
                 stopping: CancellationToken::new(),
-            }),
+                labels: Vec::new(),
+            },
         })
+    }
+
+    /// Names the relay: its metrics carry the label `relay="<name>"` and its
+    /// logs the field `relay`, so several relays in one process (a fan-out
+    /// and its lanes) can be told apart. Unnamed relays' metrics carry no
+    /// label.
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
+        self.shared.labels = vec![metrics::Label::new("relay", name.into())];
+        self
     }
 
     /// Runs the relay on a new task until [`RelayHandle::shutdown`].
@@ -171,8 +183,11 @@ impl<S: OutboxStore, P: Publisher> Relay<S, P> {
     /// Runs until `shutdown` is cancelled, then finishes in-flight batches
     /// (for at most `shutdown_timeout`) and returns the totals.
     pub async fn run(self, shutdown: CancellationToken) -> RelayReport {
-        let shared = self.shared;
-        let span = info_span!("relay");
+        let shared = Arc::new(self.shared);
+        let span = match shared.labels.first() {
+            Some(name) => info_span!("relay", relay = %name.value()),
+            None => info_span!("relay"),
+        };
         run_loop(shared.clone(), shutdown).instrument(span).await;
         shared.counters.snapshot()
     }
@@ -225,7 +240,7 @@ async fn run_loop<S: OutboxStore, P: Publisher>(
 
         if Instant::now() >= next_stats {
             next_stats = Instant::now() + config.stats_interval;
-            record_stats(&shared.store).await;
+            record_stats(&shared.store, &shared.labels).await;
         }
 
         let mut claimed_full = false;
@@ -235,7 +250,11 @@ async fn run_loop<S: OutboxStore, P: Publisher>(
                 if outage_failures == 1 || outage_failures.is_multiple_of(20) {
                     warn!(error = %e.full_message(), "broker not ready; claiming nothing until it is");
                 }
-                metrics::counter!("proclaim_relay_broker_not_ready_total").increment(1);
+                metrics::counter!(
+                    "proclaim_relay_broker_not_ready_total",
+                    shared.labels.clone()
+                )
+                .increment(1);
                 pause(&shutdown, config.outage_backoff.delay(outage_failures)).await;
                 continue;
             }
@@ -277,7 +296,8 @@ async fn run_loop<S: OutboxStore, P: Publisher>(
                     if outage_failures == 1 || outage_failures.is_multiple_of(20) {
                         warn!(error = %e, "claim failed; retrying");
                     }
-                    metrics::counter!("proclaim_relay_claim_errors_total").increment(1);
+                    metrics::counter!("proclaim_relay_claim_errors_total", shared.labels.clone())
+                        .increment(1);
                     pause(&shutdown, config.outage_backoff.delay(outage_failures)).await;
                     continue;
                 }
@@ -350,14 +370,18 @@ async fn run_loop<S: OutboxStore, P: Publisher>(
     );
 }
 
-async fn record_stats<S: OutboxStore>(store: &S) {
+async fn record_stats<S: OutboxStore>(store: &S, labels: &[metrics::Label]) {
     match store.stats().await {
         Ok(s) => {
-            metrics::gauge!("proclaim_outbox_pending").set(s.pending as f64);
-            metrics::gauge!("proclaim_outbox_in_flight").set(s.in_flight as f64);
-            metrics::gauge!("proclaim_outbox_dead_lettered").set(s.dead_lettered as f64);
-            metrics::gauge!("proclaim_outbox_oldest_pending_age_seconds")
-                .set(s.oldest_pending_age_ms as f64 / 1000.0);
+            metrics::gauge!("proclaim_outbox_pending", labels.to_vec()).set(s.pending as f64);
+            metrics::gauge!("proclaim_outbox_in_flight", labels.to_vec()).set(s.in_flight as f64);
+            metrics::gauge!("proclaim_outbox_dead_lettered", labels.to_vec())
+                .set(s.dead_lettered as f64);
+            metrics::gauge!(
+                "proclaim_outbox_oldest_pending_age_seconds",
+                labels.to_vec()
+            )
+            .set(s.oldest_pending_age_ms as f64 / 1000.0);
         }
         Err(e) => debug!(error = %e, "reading outbox counts failed"),
     }
@@ -454,13 +478,23 @@ async fn process_batch<S: OutboxStore, P: Publisher>(
     counters
         .released
         .fetch_add(outcome.released.len() as u64, Ordering::Relaxed);
-    metrics::counter!("proclaim_relay_events_published_total")
-        .increment(outcome.published.len() as u64);
-    metrics::counter!("proclaim_relay_events_retried_total").increment(outcome.retry.len() as u64);
-    metrics::counter!("proclaim_relay_events_dead_lettered_total")
-        .increment(outcome.dead.len() as u64);
-    metrics::counter!("proclaim_relay_events_released_total")
-        .increment(outcome.released.len() as u64);
+    metrics::counter!(
+        "proclaim_relay_events_published_total",
+        shared.labels.clone()
+    )
+    .increment(outcome.published.len() as u64);
+    metrics::counter!("proclaim_relay_events_retried_total", shared.labels.clone())
+        .increment(outcome.retry.len() as u64);
+    metrics::counter!(
+        "proclaim_relay_events_dead_lettered_total",
+        shared.labels.clone()
+    )
+    .increment(outcome.dead.len() as u64);
+    metrics::counter!(
+        "proclaim_relay_events_released_total",
+        shared.labels.clone()
+    )
+    .increment(outcome.released.len() as u64);
     for dead in &outcome.dead {
         warn!(sequence = dead.sequence, error = %dead.error, "event dead-lettered");
     }
@@ -475,7 +509,8 @@ async fn process_batch<S: OutboxStore, P: Publisher>(
             Ok(report) => {
                 if report.lost > 0 {
                     counters.leases_lost.fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!("proclaim_relay_leases_lost_total").increment(1);
+                    metrics::counter!("proclaim_relay_leases_lost_total", shared.labels.clone())
+                        .increment(1);
                     warn!(
                         lost = report.lost,
                         "lease expired before the outcome was recorded; another relay took over these events, which may be published twice"
@@ -497,7 +532,8 @@ async fn process_batch<S: OutboxStore, P: Publisher>(
             }
         }
     }
-    metrics::histogram!("proclaim_relay_batch_seconds").record(started.elapsed().as_secs_f64());
+    metrics::histogram!("proclaim_relay_batch_seconds", shared.labels.clone())
+        .record(started.elapsed().as_secs_f64());
     debug!(
         published = outcome.published.len(),
         retried = outcome.retry.len(),
@@ -546,8 +582,9 @@ async fn publish_chain<S: OutboxStore, P: Publisher>(
                 } else {
                     "permanent"
                 };
-                metrics::counter!("proclaim_relay_publish_failures_total", "kind" => kind)
-                    .increment(1);
+                let mut labels = shared.labels.clone();
+                labels.push(metrics::Label::new("kind", kind));
+                metrics::counter!("proclaim_relay_publish_failures_total", labels).increment(1);
                 let message = e.full_message();
                 if e.is_transient() && record.attempts < config.max_attempts {
                     // The broker's own `Retry-After`, if longer than the backoff.
@@ -695,7 +732,7 @@ mod tests {
         lease_left: Duration,
     ) -> (BatchOutcome, Vec<i64>) {
         let relay = Relay::new(RecordingStore::default(), publisher, config).unwrap();
-        let shared = relay.shared;
+        let shared = Arc::new(relay.shared);
         process_batch(
             shared.clone(),
             LeaseToken::new(),

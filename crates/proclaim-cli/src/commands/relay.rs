@@ -12,6 +12,11 @@ use crate::args::RelayArgs;
 use crate::settings::{FileConfig, RelaySettings, StoreSettings, relay_settings};
 use crate::store::{LaneStore, with_outbox};
 
+/// The name of the fan-out relay in logs and metrics (`relay="fan-out"`);
+/// each lane's relay is named after its destination. Destination names
+/// cannot contain `-`, so they never clash with it.
+const FAN_OUT: &str = "fan-out";
+
 pub(crate) async fn run(
     settings: &StoreSettings,
     args: RelayArgs,
@@ -130,10 +135,12 @@ where
         ));
     }
     let fan_out = FanOut::new(lanes, settings.unrouted)?;
-    let fan_out_relay = Relay::new(main, fan_out, settings.relay)?.spawn();
+    let fan_out_relay = Relay::new(main, fan_out, settings.relay)?
+        .with_name(FAN_OUT)
+        .spawn();
 
     shutdown.cancelled().await;
-    let mut reports = vec![("fan-out".to_owned(), fan_out_relay.shutdown().await)];
+    let mut reports = vec![(FAN_OUT.to_owned(), fan_out_relay.shutdown().await)];
     for (name, task) in lane_relays {
         match task.await {
             Ok(Ok(report)) => reports.push((name, report)),
@@ -176,7 +183,10 @@ async fn lane_relay<S: OutboxStore + Clone>(
         }
     };
     tracing::info!(destination = %destination.name, "connected");
-    Ok(Relay::new(lane, publisher, config)?.run(shutdown).await)
+    Ok(Relay::new(lane, publisher, config)?
+        .with_name(destination.name)
+        .run(shutdown)
+        .await)
 }
 
 pub(crate) async fn wait_for_signal() {

@@ -616,6 +616,7 @@ async fn relay_fans_out_to_destination_urls_by_type() {
 
     let redis_key = format!("proclaim-cli-test:{}", ts.name);
     let down = proclaim_testkit::net::free_addr();
+    let metrics_addr = proclaim_testkit::net::free_addr().to_string();
     let destinations = [
         format!(
             "{}?stream={}&subject_prefix={}&name=bus",
@@ -630,7 +631,13 @@ async fn relay_fans_out_to_destination_urls_by_type() {
     relay
         .env("PROCLAIM_DATABASE_URL", database_url())
         .env("PROCLAIM_SCHEMA", &ts.name)
-        .args(["relay", "--poll-interval", "100ms"]);
+        .args([
+            "relay",
+            "--poll-interval",
+            "100ms",
+            "--metrics-addr",
+            &metrics_addr,
+        ]);
     for d in &destinations {
         relay.args(["--destination", d]);
     }
@@ -671,6 +678,19 @@ async fn relay_fans_out_to_destination_urls_by_type() {
     eventually(WAIT, "the pledges wait in the webhook's lane", || async {
         let stats = hooks.stats().await.unwrap();
         stats.pending + stats.in_flight == 20
+    })
+    .await;
+    // Each relay's metrics carry its name.
+    proclaim_testkit::eventually_value(WAIT, "per-destination counts in /metrics", || async {
+        let body = http_get(&metrics_addr, "/metrics").await?;
+        [
+            r#"proclaim_relay_events_published_total{relay="fan-out"} 50"#,
+            r#"proclaim_relay_events_published_total{relay="bus"} 50"#,
+            r#"proclaim_relay_events_published_total{relay="alerts"} 30"#,
+        ]
+        .iter()
+        .all(|line| body.contains(line))
+        .then_some(())
     })
     .await;
     sigterm(&relay);
