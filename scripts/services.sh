@@ -1,21 +1,26 @@
 #!/usr/bin/env bash
-# shellcheck disable=SC2329 # the start_* functions are called as "start_$name"
+# shellcheck disable=SC2317,SC2329 # the start_* functions are called as "start_$name" (shellcheck < 0.10 reports that as SC2317)
 # Starts the local services the tests need, if they are down, and waits until
 # each accepts TCP connections on 127.0.0.1. Services already up are left
 # alone (never stopped or restarted), so running this again is harmless.
 #
 # Usage: scripts/services.sh [all | SERVICE...]
-#   SERVICE is one of: postgres nats mariadb redis rabbitmq mosquitto
+#   SERVICE is one of: postgres nats mariadb redis rabbitmq mosquitto kafka
 #   default: postgres nats
+#
+# kafka is tansu, a Kafka-protocol broker with in-memory storage, run from
+# ${PROCLAIM_TOOLS_DIR:-$HOME/.cache/proclaim/tools}/bin/tansu; when that
+# binary is missing it is built there first with `cargo install` (about 20
+# minutes, once). Its log is <tools dir>/log/tansu.log.
 #
 # Prints one line per service, "<name>: up" (was already running) or
 # "<name>: started"; exits non-zero if any service could not be brought up.
 # SERVICES_WAIT_SECS (default 60) bounds the wait for each service.
 set -euo pipefail
 
-ALL=(postgres nats mariadb redis rabbitmq mosquitto)
+ALL=(postgres nats mariadb redis rabbitmq mosquitto kafka)
 DEFAULT=(postgres nats)
-declare -A PORT=([postgres]=5432 [nats]=4222 [mariadb]=3306 [redis]=6379 [rabbitmq]=5672 [mosquitto]=1883)
+declare -A PORT=([postgres]=5432 [nats]=4222 [mariadb]=3306 [redis]=6379 [rabbitmq]=5672 [mosquitto]=1883 [kafka]=9092)
 # The programs each start command needs (checked before running it).
 declare -A NEEDS=(
 	[postgres]="pg_ctlcluster psql"
@@ -24,8 +29,11 @@ declare -A NEEDS=(
 	[redis]="redis-server"
 	[rabbitmq]="rabbitmq-server"
 	[mosquitto]="mosquitto"
+	[kafka]="setsid nohup"
 )
 WAIT_SECS=${SERVICES_WAIT_SECS:-60}
+TOOLS_DIR=${PROCLAIM_TOOLS_DIR:-$HOME/.cache/proclaim/tools}
+TANSU_VERSION=0.6.0
 
 start_postgres() {
 	[[ -d /etc/postgresql ]] || { echo "postgres: /etc/postgresql does not exist (no cluster configured)" >&2; return 1; }
@@ -41,6 +49,21 @@ start_redis() {
 }
 start_mosquitto() { mosquitto -d -c /etc/mosquitto/mosquitto.conf; }
 start_mariadb() { start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd; }
+start_kafka() {
+	local bin=$TOOLS_DIR/bin/tansu log_dir=$TOOLS_DIR/log
+	mkdir -p "$log_dir"
+	if [[ ! -x $bin ]]; then
+		command -v cargo >/dev/null 2>&1 || { echo "kafka: $bin is missing and cargo is not installed to build it" >&2; return 1; }
+		echo "kafka: building tansu $TANSU_VERSION into $TOOLS_DIR (takes about 20 minutes, once; log: $log_dir/tansu-build.log)"
+		if ! cargo install --locked --root "$TOOLS_DIR" "tansu@$TANSU_VERSION" --no-default-features --features dynostore >"$log_dir/tansu-build.log" 2>&1; then
+			tail -n 20 "$log_dir/tansu-build.log"
+			echo "kafka: building tansu failed (see $log_dir/tansu-build.log)"
+			return 1
+		fi
+	fi
+	setsid nohup "$bin" broker --listener-url tcp://127.0.0.1:9092 --advertised-listener-url tcp://127.0.0.1:9092 \
+		--storage-engine memory://tansu/ >>"$log_dir/tansu.log" 2>&1 </dev/null &
+}
 
 port_open() { timeout 1 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null; }
 
