@@ -115,7 +115,7 @@ pub(crate) struct DemoArgs {
 
 #[derive(Debug, Args)]
 pub(crate) struct RelayArgs {
-    /// Where to send events, as a URL whose scheme picks the broker: nats://, amqp://, redis://, mqtt://, http(s)://; parameters set the publisher's settings, `name` and `types` (e.g. ?types=Donor*) route by event type. Repeat for fan-out. Replaces the NATS flags below and the config file's [nats] and [[destination]].
+    /// Where to send events, as a URL whose scheme picks the broker: nats://, amqp://, redis://, mqtt://, http(s)://, kafka://; parameters set the publisher's settings, `name` and `types` (e.g. ?types=Donor*) route by event type. Repeat for fan-out. Replaces the NATS flags below and the config file's [nats] and [[destination]].
     #[arg(long = "destination", env = "PROCLAIM_DESTINATION", value_name = "URL")]
     pub(crate) destinations: Vec<String>,
     /// With several destinations: what to do with an event no destination's types match.

@@ -19,6 +19,7 @@
 //! | `redis://` | Redis Streams | `redis://127.0.0.1:6379?stream=orders:{type}&maxlen=100000` |
 //! | `mqtt://` | MQTT 5 | `mqtt://127.0.0.1:1883?topic=campaign/{type}&qos=1` |
 //! | `http://`, `https://` | webhook | `https://hooks.example.com/events#secret_env=HOOK_SECRET&types=Donor*` |
+//! | `kafka://` | Kafka | `kafka://127.0.0.1:9092,127.0.0.1:9093?topic=campaign.{type}` |
 //!
 //! A webhook's query belongs to its endpoint, so its settings go in the
 //! fragment (`#…`), which is never sent. `secret_env=VAR` reads the signing
@@ -49,6 +50,8 @@ use serde_json::{Map, Value};
 use crate::fanout::TypePattern;
 use crate::{ConfigError, OutboxRecord, PublishError, Publisher, redact_url};
 
+#[cfg(feature = "kafka")]
+use crate::kafka::{KafkaConfig, KafkaError, KafkaPublisher};
 #[cfg(feature = "mqtt")]
 use crate::mqtt::{MqttConfig, MqttError, MqttPublisher};
 #[cfg(feature = "nats")]
@@ -79,6 +82,9 @@ pub enum Destination {
     /// An HTTP webhook (feature `webhook`).
     #[cfg(feature = "webhook")]
     Webhook(WebhookConfig),
+    /// Kafka (feature `kafka`).
+    #[cfg(feature = "kafka")]
+    Kafka(KafkaConfig),
 }
 
 /// Why a [`Destination`] could not be connected.
@@ -105,6 +111,10 @@ pub enum DestinationError {
     #[cfg(feature = "webhook")]
     #[error(transparent)]
     Webhook(#[from] WebhookError),
+    /// Kafka.
+    #[cfg(feature = "kafka")]
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
 }
 
 /// The publisher of a [`Destination`], whichever broker it is.
@@ -129,6 +139,9 @@ pub enum AnyPublisher {
     /// Webhook.
     #[cfg(feature = "webhook")]
     Webhook(WebhookPublisher),
+    /// Kafka.
+    #[cfg(feature = "kafka")]
+    Kafka(KafkaPublisher),
 }
 
 /// Runs `$body` with `$p` bound to the inner value of whichever variant.
@@ -145,6 +158,8 @@ macro_rules! each {
             $enum::Mqtt($p) => $body,
             #[cfg(feature = "webhook")]
             $enum::Webhook($p) => $body,
+            #[cfg(feature = "kafka")]
+            $enum::Kafka($p) => $body,
         }
     };
 }
@@ -186,6 +201,8 @@ impl Destination {
             Destination::Mqtt(_) => "MQTT",
             #[cfg(feature = "webhook")]
             Destination::Webhook(_) => "webhook",
+            #[cfg(feature = "kafka")]
+            Destination::Kafka(_) => "Kafka",
         }
     }
 
@@ -203,12 +220,14 @@ impl Destination {
             Destination::Mqtt(_) => "mqtt",
             #[cfg(feature = "webhook")]
             Destination::Webhook(_) => "webhook",
+            #[cfg(feature = "kafka")]
+            Destination::Kafka(_) => "kafka",
         }
     }
 
     /// Where it sends, with credentials hidden, for logs.
     pub fn describe(&self) -> String {
-        let url = each!(Destination, self, c => c.url.as_str());
+        let url = each!(Destination, self, c => c.address());
         format!("{} at {}", self.broker(), redact_url(url))
     }
 
@@ -230,8 +249,35 @@ impl Destination {
             Destination::Mqtt(c) => AnyPublisher::Mqtt(MqttPublisher::connect(c).await?),
             #[cfg(feature = "webhook")]
             Destination::Webhook(c) => AnyPublisher::Webhook(WebhookPublisher::new(c)?),
+            #[cfg(feature = "kafka")]
+            Destination::Kafka(c) => AnyPublisher::Kafka(KafkaPublisher::connect(c).await?),
         })
     }
+}
+
+/// Where a publisher's config says it connects.
+trait Address {
+    fn address(&self) -> &str;
+}
+
+macro_rules! address {
+    ($($feature:literal, $config:ty, $field:ident;)*) => {$(
+        #[cfg(feature = $feature)]
+        impl Address for $config {
+            fn address(&self) -> &str {
+                &self.$field
+            }
+        }
+    )*};
+}
+
+address! {
+    "nats", NatsConfig, url;
+    "rabbitmq", RabbitConfig, url;
+    "redis", RedisConfig, url;
+    "mqtt", MqttConfig, url;
+    "webhook", WebhookConfig, url;
+    "kafka", KafkaConfig, bootstrap_servers;
 }
 
 /// A destination with its name and the event types it takes: one
@@ -381,6 +427,12 @@ impl NamedDestination {
                 }
                 Destination::Webhook(config)
             }
+            #[cfg(feature = "kafka")]
+            "kafka" => {
+                let base_config = KafkaConfig::default().with_bootstrap_servers(&base);
+                let aliases = [("topic", "topic_template")];
+                Destination::Kafka(apply(&base_config, &base, settings, &aliases, &[], &shown)?)
+            }
             other => {
                 return Err(fail(format!(
                     "unsupported scheme {other:?}; expected one of {}",
@@ -440,6 +492,9 @@ pub struct DestinationSection {
     /// Webhook settings.
     #[cfg(feature = "webhook")]
     pub webhook: Option<WebhookConfig>,
+    /// Kafka settings.
+    #[cfg(feature = "kafka")]
+    pub kafka: Option<KafkaConfig>,
 }
 
 impl DestinationSection {
@@ -458,6 +513,8 @@ impl DestinationSection {
         found.extend(self.mqtt.map(Destination::Mqtt));
         #[cfg(feature = "webhook")]
         found.extend(self.webhook.map(Destination::Webhook));
+        #[cfg(feature = "kafka")]
+        found.extend(self.kafka.map(Destination::Kafka));
         let sections = || format!("url or one of the broker sections ({})", broker_sections());
         let mut named = match (self.url, found.len()) {
             (Some(url), 0) => NamedDestination::parse(&url)?,
@@ -502,6 +559,8 @@ fn broker_sections() -> String {
         "mqtt",
         #[cfg(feature = "webhook")]
         "webhook",
+        #[cfg(feature = "kafka")]
+        "kafka",
     ];
     sections.join(", ")
 }
@@ -523,9 +582,14 @@ fn supported_schemes() -> String {
         "http://",
         #[cfg(feature = "webhook")]
         "https://",
+        #[cfg(feature = "kafka")]
+        "kafka://",
     ];
     schemes.join(", ")
 }
+
+/// The config fields that hold the address, which the URL itself gives.
+const ADDRESS_FIELDS: &[&str] = &["url", "bootstrap_servers"];
 
 /// Decoded `key=value` pairs of a query or fragment.
 fn pairs(text: &str) -> Vec<(String, String)> {
@@ -577,12 +641,14 @@ fn apply<C: Serialize + DeserializeOwned>(
         Ok(Value::Object(map)) => map,
         _ => return Err(fail("its settings cannot be read".into())),
     };
-    fields.insert("url".into(), Value::String(url.to_owned()));
+    if let Some(address) = ADDRESS_FIELDS.iter().find(|f| fields.contains_key(**f)) {
+        fields.insert((*address).into(), Value::String(url.to_owned()));
+    }
     let known = || {
         let mut keys: Vec<&str> = fields
             .keys()
             .map(String::as_str)
-            .filter(|k| *k != "url")
+            .filter(|k| !ADDRESS_FIELDS.contains(k))
             .chain(aliases.iter().map(|(alias, _)| *alias))
             .chain(native.iter().copied())
             .chain(["name", "types"])
@@ -604,7 +670,7 @@ fn apply<C: Serialize + DeserializeOwned>(
                     known()
                 )));
             }
-            Some(_) if field == "url" => {
+            Some(_) if ADDRESS_FIELDS.contains(&field) => {
                 return Err(fail(format!(
                     "unknown option {key:?}; the URL itself is the address (this broker takes {})",
                     known()
@@ -781,6 +847,25 @@ mod tests {
             err.contains("PROCLAIM_TEST_SURELY_UNSET_VAR, which is not set"),
             "{err}"
         );
+    }
+
+    #[cfg(feature = "kafka")]
+    #[test]
+    fn kafka_urls_take_brokers_and_a_topic() {
+        let d = parse("kafka://127.0.0.1:9092,127.0.0.1:9093?topic=campaign.{type}&ack_timeout=5s");
+        assert_eq!(
+            d.destination.describe(),
+            "Kafka at kafka://127.0.0.1:9092,127.0.0.1:9093"
+        );
+        let Destination::Kafka(c) = d.destination else {
+            panic!("{d:?}")
+        };
+        assert_eq!(c.topic_template, "campaign.{type}");
+        assert_eq!(c.ack_timeout, std::time::Duration::from_secs(5));
+        let err = error("kafka://127.0.0.1:9092?bootstrap_servers=elsewhere:9092");
+        assert!(err.contains("the URL itself is the address"), "{err}");
+        let err = error("kafka://127.0.0.1:9092?properties=x");
+        assert!(err.contains("cannot be set in a URL"), "{err}");
     }
 
     #[test]

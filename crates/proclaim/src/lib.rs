@@ -40,7 +40,7 @@
 //! Features: `postgres` (the PostgreSQL store), `sqlite` (the SQLite store),
 //! `mysql` (the MariaDB / MySQL store), `docstore` (DocStore, seed 004);
 //! the publishers `nats` (NATS JetStream), `rabbitmq`, `redis` (Redis
-//! Streams), `mqtt` (MQTT 5) and `webhook` (HTTP), or `all-brokers`;
+//! Streams), `mqtt` (MQTT 5), `webhook` (HTTP) and `kafka`, or `all-brokers`;
 //! `postgres` and `nats` are on by default. With any publisher,
 //! [`destination`] picks one at run time from a URL or a config section. Without any broker,
 //! [`local::InProcessBus`] delivers to subscribers in the same process and
@@ -103,7 +103,14 @@ pub mod webhook {
     pub use proclaim_webhook::*;
 }
 
+/// The Kafka publisher (feature `kafka`).
+#[cfg(feature = "kafka")]
+pub mod kafka {
+    pub use proclaim_kafka::*;
+}
+
 #[cfg(any(
+    feature = "kafka",
     feature = "nats",
     feature = "rabbitmq",
     feature = "redis",
