@@ -20,8 +20,9 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use proclaim_core::{Event, OutboxRecord, PublishError, Publisher};
+use proclaim_core::{Event, PublishError, Publisher};
 
+use crate::events::{donor_secured, keyed, n_of, record_at};
 use crate::proxy::{FaultMode, FaultProxy};
 
 /// What a broker can do; the suite skips or relaxes the rest.
@@ -93,46 +94,6 @@ const HANG: Duration = Duration::from_secs(12);
 /// How long messages may take to show up.
 const WAIT: Duration = Duration::from_secs(15);
 
-fn record(sequence: i64, event: Event) -> OutboxRecord {
-    OutboxRecord {
-        sequence,
-        event,
-        attempts: 1,
-        created_at: chrono::Utc::now(),
-    }
-}
-
-/// An event with every optional attribute, extensions and JSON data that is
-/// not in serde_json's canonical form (the bytes must arrive unchanged).
-pub fn full_event() -> Event {
-    Event::builder("DonorSecured")
-        .subject("donor-42")
-        .source("conformance")
-        .dataschema("urn:campaign:donor-secured:v2")
-        .correlation_id("pledge-drive-7")
-        .traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
-        .extension("tenant", "acme")
-        .json(r#"{"donor_id": 42, "amount_cents":250000, "note":"ünïcode"}"#)
-        .build()
-        .unwrap()
-}
-
-/// An event on `key` whose data is `{"n": n}`.
-pub fn keyed(key: &str, n: u64) -> Event {
-    Event::builder("DonorSecured")
-        .subject(key)
-        .source("conformance")
-        .data(&serde_json::json!({ "n": n }))
-        .build()
-        .unwrap()
-}
-
-fn n_of(event: &Event) -> u64 {
-    event.data_as::<serde_json::Value>().unwrap()["n"]
-        .as_u64()
-        .unwrap()
-}
-
 async fn started_proxy<H: PublisherHarness>() -> FaultProxy {
     FaultProxy::start(H::broker())
         .await
@@ -142,7 +103,7 @@ async fn started_proxy<H: PublisherHarness>() -> FaultProxy {
 /// Publishes, expecting a failure within [`HANG`]; returns it.
 async fn publish_fails<P: Publisher>(publisher: &P, event: Event, what: &str) -> PublishError {
     let started = Instant::now();
-    match tokio::time::timeout(HANG, publisher.publish(&record(2, event))).await {
+    match tokio::time::timeout(HANG, publisher.publish(&record_at(2, event))).await {
         Ok(Ok(())) => panic!("{what}: publish returned Ok, but the broker cannot hold it"),
         Ok(Err(e)) => {
             tracing::info!(elapsed = ?started.elapsed(), error = %e.full_message(), "{what}");
@@ -159,10 +120,10 @@ async fn publish_fails<P: Publisher>(publisher: &P, event: Event, what: &str) ->
 pub async fn an_acked_event_arrives_intact<H: PublisherHarness>() {
     crate::init_tracing();
     let h = H::setup(H::broker(), TIMEOUT).await;
-    let sent = full_event();
+    let sent = donor_secured();
     h.publisher().ready().await.unwrap();
     h.publisher()
-        .publish(&record(1, sent.clone()))
+        .publish(&record_at(1, sent.clone()))
         .await
         .unwrap();
     let got = h.received(1, WAIT).await;
@@ -197,7 +158,7 @@ pub async fn per_key_order_is_kept<H: PublisherHarness>() {
         for n in 0..per_key {
             let sequence = i64::try_from(n).unwrap() * 3 + i64::try_from(i).unwrap();
             publisher
-                .publish(&record(sequence, keyed(key, n)))
+                .publish(&record_at(sequence, keyed(key, n)))
                 .await
                 .unwrap();
         }
@@ -223,11 +184,11 @@ pub async fn a_redelivery_carries_the_same_dedup_id<H: PublisherHarness>() {
     let h = H::setup(H::broker(), TIMEOUT).await;
     let event = keyed("k", 1);
     h.publisher()
-        .publish(&record(1, event.clone()))
+        .publish(&record_at(1, event.clone()))
         .await
         .unwrap();
     h.publisher()
-        .publish(&record(1, event.clone()))
+        .publish(&record_at(1, event.clone()))
         .await
         .unwrap();
     let expected = if H::CAPABILITIES.broker_dedup { 1 } else { 2 };
@@ -249,7 +210,7 @@ pub async fn an_outage_is_transient_and_the_publisher_reconnects<H: PublisherHar
     let proxy = started_proxy::<H>().await;
     let h = H::setup(proxy.addr(), TIMEOUT).await;
     h.publisher()
-        .publish(&record(1, keyed("k", 1)))
+        .publish(&record_at(1, keyed("k", 1)))
         .await
         .unwrap();
 
@@ -261,7 +222,7 @@ pub async fn an_outage_is_transient_and_the_publisher_reconnects<H: PublisherHar
     let back = crate::eventually_value(Duration::from_secs(30), "publishing works again", || {
         let publisher = h.publisher();
         async move {
-            match publisher.publish(&record(3, keyed("k", 3))).await {
+            match publisher.publish(&record_at(3, keyed("k", 3))).await {
                 Ok(()) => Some(()),
                 Err(e) => {
                     assert!(e.is_transient(), "while reconnecting: {e:?}");
@@ -284,7 +245,7 @@ pub async fn a_broker_that_never_answers_is_a_transient_error<H: PublisherHarnes
     let proxy = started_proxy::<H>().await;
     let h = H::setup(proxy.addr(), TIMEOUT).await;
     h.publisher()
-        .publish(&record(1, keyed("k", 1)))
+        .publish(&record_at(1, keyed("k", 1)))
         .await
         .unwrap();
     proxy.set_mode(FaultMode::Blackhole);

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use proclaim_core::Event;
 use proclaim_kafka::{KafkaConfig, KafkaPublisher, decode_message, dedup_id};
+use proclaim_testkit::events::of_type;
 use proclaim_testkit::publisher_conformance::{Delivered, PublisherCapabilities, PublisherHarness};
 
 use crate::support::{PrivateBroker, Route, TestTopic, broker_addr, route, router};
@@ -93,13 +94,7 @@ impl PublisherHarness for Kafka {
 
     fn unroutable(&self) -> Option<Event> {
         // Its topic, `<prefix>.NobodyListens`, does not exist.
-        Some(
-            Event::builder("NobodyListens")
-                .subject("k")
-                .source("conformance")
-                .build()
-                .unwrap(),
-        )
+        Some(of_type("NobodyListens"))
     }
 }
 

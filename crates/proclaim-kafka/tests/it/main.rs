@@ -11,54 +11,17 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use proclaim_core::{Event, OutboxRecord, Publisher};
+use proclaim_core::{Event, Publisher};
 use proclaim_kafka::{
     DecodeError, KafkaConfig, KafkaError, KafkaPublisher, decode_message, dedup_id,
 };
+use proclaim_testkit::events::{donor_secured, keyed, n_of, of_type, record};
 use proclaim_testkit::net::{SilentServer, free_addr};
 use proclaim_testkit::proxy::{FaultMode, FaultProxy};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message};
 use support::{PrivateBroker, TestTopic, broker_addr, keys_and_partitions, route, router};
-
-fn record(event: Event) -> OutboxRecord {
-    OutboxRecord {
-        sequence: 1,
-        event,
-        attempts: 1,
-        created_at: chrono::Utc::now(),
-    }
-}
-
-fn donor_secured() -> Event {
-    Event::builder("DonorSecured")
-        .subject("donor-42")
-        .source("campaign-finance")
-        .dataschema("urn:campaign:donor-secured:v2")
-        .correlation_id("pledge-drive-7")
-        .traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
-        .extension("tenant", "acme")
-        // Deliberately not in serde_json's canonical form: the value must be
-        // these exact bytes.
-        .json(r#"{"donor_id": 42, "amount_cents":250000, "note":"ünïcode"}"#)
-        .build()
-        .unwrap()
-}
-
-fn keyed(subject: &str, n: u64) -> Event {
-    Event::builder("DonorSecured")
-        .subject(subject)
-        .data(&serde_json::json!({ "n": n }))
-        .build()
-        .unwrap()
-}
-
-fn n_of(event: &Event) -> u64 {
-    event.data_as::<serde_json::Value>().unwrap()["n"]
-        .as_u64()
-        .unwrap()
-}
 
 #[tokio::test]
 async fn publishes_a_cloudevent_and_decodes_it_back() {
@@ -219,10 +182,7 @@ async fn a_missing_topic_is_a_permanent_error() {
     proclaim_testkit::init_tracing();
     let topic = TestTopic::new().await;
     let publisher = KafkaPublisher::connect(topic.config()).await.unwrap();
-    let missing = Event::builder("NobodyListens")
-        .subject("k")
-        .build()
-        .unwrap();
+    let missing = of_type("NobodyListens");
     let started = Instant::now();
     let err = publisher
         .publish(&record(missing.clone()))

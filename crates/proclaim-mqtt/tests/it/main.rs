@@ -9,11 +9,12 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use proclaim_core::{Event, OutboxRecord, Publisher};
+use proclaim_core::{Event, Publisher};
 use proclaim_mqtt::rumqttc::v5::mqttbytes::QoS;
 use proclaim_mqtt::rumqttc::v5::mqttbytes::v5::{Packet, Publish, SubscribeReasonCode};
 use proclaim_mqtt::rumqttc::v5::{AsyncClient, Event as MqttEvent, MqttOptions};
 use proclaim_mqtt::{ContentMode, MqttConfig, MqttError, MqttPublisher, decode_publish, dedup_id};
+use proclaim_testkit::events::{donor_secured, keyed, record};
 use proclaim_testkit::net::{SilentServer, free_addr};
 use proclaim_testkit::proxy::{FaultMode, FaultProxy};
 use proclaim_testkit::{eventually, unique_suffix};
@@ -109,41 +110,10 @@ impl Drop for Subscriber {
     }
 }
 
-fn record(event: Event) -> OutboxRecord {
-    OutboxRecord {
-        sequence: 1,
-        event,
-        attempts: 1,
-        created_at: chrono::Utc::now(),
-    }
-}
-
 fn config(prefix: &str) -> MqttConfig {
     MqttConfig::default()
         .with_url(format!("mqtt://{}", broker_addr()))
         .with_topic_template(format!("{prefix}/{{type}}"))
-}
-
-fn donor_secured() -> Event {
-    Event::builder("DonorSecured")
-        .subject("donor-42")
-        .source("campaign-finance")
-        .dataschema("urn:campaign:donor-secured:v2")
-        .correlation_id("pledge-drive-7")
-        .traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
-        .extension("tenant", "acme")
-        // Not in serde_json's canonical form: the payload must be these bytes.
-        .json(r#"{"donor_id": 42, "amount_cents":250000, "note":"ünïcode"}"#)
-        .build()
-        .unwrap()
-}
-
-fn keyed(key: &str, n: u64) -> Event {
-    Event::builder("DonorSecured")
-        .subject(key)
-        .data(&serde_json::json!({ "n": n }))
-        .build()
-        .unwrap()
 }
 
 fn user_property<'a>(message: &'a Publish, name: &str) -> Option<&'a str> {

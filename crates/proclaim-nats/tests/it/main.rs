@@ -6,21 +6,13 @@
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::stream::StorageType;
-use proclaim_core::{Event, OutboxRecord, Publisher};
+use proclaim_core::{Event, Publisher};
 use proclaim_nats::{NatsConfig, NatsError, NatsPublisher, decode_message};
+use proclaim_testkit::events::{donor_secured, record};
 use proclaim_testkit::nats::{TestStream, nats_url};
 use proclaim_testkit::net::SilentServer;
 
 mod conformance;
-
-fn record(event: Event) -> OutboxRecord {
-    OutboxRecord {
-        sequence: 1,
-        event,
-        attempts: 1,
-        created_at: chrono::Utc::now(),
-    }
-}
 
 fn config_for(ts: &TestStream) -> NatsConfig {
     NatsConfig::default()
@@ -31,21 +23,6 @@ fn config_for(ts: &TestStream) -> NatsConfig {
 
 async fn publisher_for(ts: &TestStream) -> NatsPublisher {
     NatsPublisher::connect(config_for(ts)).await.unwrap()
-}
-
-fn donor_secured() -> Event {
-    Event::builder("DonorSecured")
-        .subject("donor-42")
-        .source("campaign-finance")
-        .dataschema("urn:campaign:donor-secured:v2")
-        .correlation_id("pledge-drive-7")
-        .traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
-        .extension("tenant", "acme")
-        // Deliberately not in serde_json's canonical form: the body must be
-        // these exact bytes.
-        .json(r#"{"donor_id": 42, "amount_cents":250000, "note":"ünïcode"}"#)
-        .build()
-        .unwrap()
 }
 
 fn header<'a>(message: &'a async_nats::Message, name: &str) -> Option<&'a str> {

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use proclaim_core::Event;
 use proclaim_rabbitmq::{RabbitConfig, RabbitPublisher, decode_delivery};
+use proclaim_testkit::events::of_type;
 use proclaim_testkit::publisher_conformance::{Delivered, PublisherCapabilities, PublisherHarness};
 
 use crate::support::{TestQueue, broker_addr, url_via};
@@ -73,13 +74,7 @@ impl PublisherHarness for Rabbit {
 
     fn unroutable(&self) -> Option<Event> {
         // Nothing is bound for this routing key (the event type).
-        Some(
-            Event::builder("NobodyListens")
-                .subject("k")
-                .source("conformance")
-                .build()
-                .unwrap(),
-        )
+        Some(of_type("NobodyListens"))
     }
 }
 

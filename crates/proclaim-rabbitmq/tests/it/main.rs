@@ -10,43 +10,12 @@ use std::time::{Duration, Instant};
 use lapin::options::{BasicPublishOptions, ExchangeDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, ExchangeKind};
-use proclaim_core::{Event, OutboxRecord, Publisher};
+use proclaim_core::{Event, Publisher};
 use proclaim_rabbitmq::{DecodeError, RabbitConfig, RabbitError, RabbitPublisher, decode_delivery};
+use proclaim_testkit::events::{donor_secured, keyed, of_type, record};
 use proclaim_testkit::net::SilentServer;
 use proclaim_testkit::proxy::{FaultMode, FaultProxy};
 use support::{TestQueue, amqp_url, broker_addr, exchange_exists, url_via};
-
-fn record(event: Event) -> OutboxRecord {
-    OutboxRecord {
-        sequence: 1,
-        event,
-        attempts: 1,
-        created_at: chrono::Utc::now(),
-    }
-}
-
-fn donor_secured() -> Event {
-    Event::builder("DonorSecured")
-        .subject("donor-42")
-        .source("campaign-finance")
-        .dataschema("urn:campaign:donor-secured:v2")
-        .correlation_id("pledge-drive-7")
-        .traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
-        .extension("tenant", "acme")
-        // Deliberately not in serde_json's canonical form: the body must be
-        // these exact bytes.
-        .json(r#"{"donor_id": 42, "amount_cents":250000, "note":"ünïcode"}"#)
-        .build()
-        .unwrap()
-}
-
-fn keyed(subject: &str, n: u64) -> Event {
-    Event::builder("DonorSecured")
-        .subject(subject)
-        .data(&serde_json::json!({ "n": n }))
-        .build()
-        .unwrap()
-}
 
 fn header<'a>(properties: &'a BasicProperties, name: &str) -> Option<&'a AMQPValue> {
     properties.headers().as_ref()?.inner().get(name)
@@ -155,10 +124,7 @@ async fn an_unroutable_event_is_a_permanent_error_naming_key_and_exchange() {
     proclaim_testkit::init_tracing();
     let tq = TestQueue::new().await;
     let publisher = RabbitPublisher::connect(tq.config()).await.unwrap();
-    let event = Event::builder("NobodyListens")
-        .subject("k")
-        .build()
-        .unwrap();
+    let event = of_type("NobodyListens");
     let err = publisher.publish(&record(event.clone())).await.unwrap_err();
     assert!(!err.is_transient(), "{err}");
     assert_eq!(

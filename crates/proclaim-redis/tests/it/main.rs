@@ -6,9 +6,10 @@
 
 use std::time::{Duration, Instant};
 
-use proclaim_core::{Event, OutboxRecord, Publisher};
+use proclaim_core::{Event, Publisher};
 use proclaim_redis::redis::{self, Value};
 use proclaim_redis::{DecodeError, RedisConfig, RedisError, RedisPublisher, decode_entry};
+use proclaim_testkit::events::{donor_secured, keyed, n_of, record};
 use proclaim_testkit::net::{SilentServer, free_addr};
 
 mod conformance;
@@ -16,48 +17,10 @@ mod support;
 
 use support::{PrivateRedis, TestKeys, connection, entries, redis_url, xlen};
 
-fn record(event: Event) -> OutboxRecord {
-    OutboxRecord {
-        sequence: 1,
-        event,
-        attempts: 1,
-        created_at: chrono::Utc::now(),
-    }
-}
-
 fn config_for(keys: &TestKeys) -> RedisConfig {
     RedisConfig::default()
         .with_url(redis_url())
         .with_stream(keys.key("events"))
-}
-
-fn donor_secured() -> Event {
-    Event::builder("DonorSecured")
-        .subject("donor-42")
-        .source("campaign-finance")
-        .dataschema("urn:campaign:donor-secured:v2")
-        .correlation_id("pledge-drive-7")
-        .traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
-        .extension("tenant", "acme")
-        // Deliberately not in serde_json's canonical form: the data field
-        // must hold these exact bytes.
-        .json(r#"{"donor_id": 42, "amount_cents":250000, "note":"ünïcode"}"#)
-        .build()
-        .unwrap()
-}
-
-fn keyed(key: &str, n: u64) -> Event {
-    Event::builder("DonorSecured")
-        .subject(key)
-        .data(&serde_json::json!({ "n": n }))
-        .build()
-        .unwrap()
-}
-
-fn n_of(event: &Event) -> u64 {
-    event.data_as::<serde_json::Value>().unwrap()["n"]
-        .as_u64()
-        .unwrap()
 }
 
 fn text(value: &Value) -> String {

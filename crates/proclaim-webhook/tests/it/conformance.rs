@@ -17,6 +17,7 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use proclaim_core::Event;
+use proclaim_testkit::events::{of_type, record};
 use proclaim_testkit::publisher_conformance::{Delivered, PublisherCapabilities, PublisherHarness};
 use proclaim_webhook::{WEBHOOK_ID, WebhookConfig, WebhookPublisher, verify_and_decode};
 
@@ -185,13 +186,7 @@ impl PublisherHarness for Webhook {
     fn unroutable(&self) -> Option<Event> {
         // Posted to /hooks/<unique>/NoSuchHook, a path the receiver does not
         // know: 404, a permanent error.
-        Some(
-            Event::builder("NoSuchHook")
-                .subject("k")
-                .source("conformance")
-                .build()
-                .unwrap(),
-        )
+        Some(of_type("NoSuchHook"))
     }
 }
 
@@ -205,7 +200,7 @@ async fn an_unroutable_event_is_a_permanent_error_naming_the_404() {
     let event = h.unroutable().unwrap();
     let err = h
         .publisher()
-        .publish(&crate::record(event.clone()))
+        .publish(&record(event.clone()))
         .await
         .unwrap_err();
     assert!(!err.is_transient(), "{}", err.full_message());

@@ -12,7 +12,8 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use proclaim_core::{Event, OutboxRecord, PublishError, Publisher};
+use proclaim_core::{Event, PublishError, Publisher};
+use proclaim_testkit::events::{donor_secured, record};
 use proclaim_testkit::net::{SilentServer, free_addr};
 use proclaim_testkit::proxy::FaultProxy;
 use proclaim_webhook::{
@@ -28,29 +29,6 @@ const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 fn secret() -> WebhookSecret {
     WebhookSecret::new(SECRET).unwrap()
-}
-
-fn record(event: Event) -> OutboxRecord {
-    OutboxRecord {
-        sequence: 1,
-        event,
-        attempts: 1,
-        created_at: chrono::Utc::now(),
-    }
-}
-
-fn donor_secured() -> Event {
-    Event::builder("DonorSecured")
-        .subject("donor-42")
-        .source("campaign-finance")
-        .dataschema("urn:campaign:donor-secured:v2")
-        .correlation_id("pledge-drive-7")
-        .traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
-        .extension("tenant", "acme")
-        // Not in serde_json's canonical form: the body must be these bytes.
-        .json(r#"{"donor_id": 42, "amount_cents":250000, "note":"ünïcode"}"#)
-        .build()
-        .unwrap()
 }
 
 /// One request as a test server saw it.
