@@ -258,7 +258,7 @@ async fn one_run<D: BenchDb>(
 /// Writes `events` with `enqueue_batch`, 1000 per transaction, then settles
 /// the table (PostgreSQL: `VACUUM ANALYZE`), so every timed phase starts on
 /// the same, clean table.
-async fn write<D: BenchDb>(db: &D, events: &[Event]) -> anyhow::Result<()> {
+pub(crate) async fn write<D: BenchDb>(db: &D, events: &[Event]) -> anyhow::Result<()> {
     ensure!(
         db.is_empty().await?,
         "the outbox is not empty before writing"

@@ -28,8 +28,15 @@ pub(crate) struct Env {
     pub(crate) js: jetstream::Context,
     /// The scenario's database.
     pub(crate) db: Db,
+    streams: Streams,
+}
+
+/// The streams of one scenario on one NATS server: created with unique
+/// names, registered before they exist, and deleted by [`Streams::cleanup`].
+pub(crate) struct Streams {
+    js: jetstream::Context,
     suffix: String,
-    streams: Mutex<Vec<String>>,
+    names: Mutex<Vec<String>>,
 }
 
 /// A JetStream stream of the scenario (file storage), capturing `<prefix>.>`.
@@ -47,11 +54,7 @@ impl Env {
         common: &Common,
         store: StoreKind,
     ) -> anyhow::Result<Self> {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos();
-        let suffix = format!("{scenario}_{}_{:x}", std::process::id(), nanos % (1 << 40));
+        let suffix = unique_suffix(scenario);
         let nats = async_nats::connect(&common.nats_url)
             .await
             .with_context(|| format!("cannot connect to NATS at {}", common.nats_url))?;
@@ -61,10 +64,9 @@ impl Env {
         Ok(Env {
             nats_url: common.nats_url.clone(),
             nats,
+            streams: Streams::new(js.clone(), &suffix),
             js,
             db,
-            suffix,
-            streams: Mutex::new(Vec::new()),
         })
     }
 
@@ -79,7 +81,7 @@ impl Env {
     /// Creates the stream `BENCH_<SUFFIX>_<ROLE>` (file storage, the
     /// publisher's default duplicate window), deleted by [`Env::cleanup`].
     pub(crate) async fn create_stream(&self, role: &str) -> anyhow::Result<BenchStream> {
-        self.create_stream_keeping(role, -1).await
+        self.streams.create(role, -1).await
     }
 
     /// Like [`Env::create_stream`], but the stream keeps only the newest
@@ -90,10 +92,43 @@ impl Env {
         role: &str,
         max_messages: i64,
     ) -> anyhow::Result<BenchStream> {
-        self.create_stream_keeping(role, max_messages).await
+        self.streams.create(role, max_messages).await
     }
 
-    async fn create_stream_keeping(
+    /// Deletes the streams and removes the database; tries everything, then
+    /// reports what failed.
+    pub(crate) async fn cleanup(&self) -> anyhow::Result<()> {
+        let mut failures = self.streams.cleanup().await;
+        if let Err(failure) = self.db.cleanup().await {
+            failures.push(failure);
+        }
+        if !failures.is_empty() {
+            bail!("could not remove {}", failures.join("; "));
+        }
+        Ok(())
+    }
+}
+
+impl crate::Scratch for Env {
+    async fn cleanup(&self) -> anyhow::Result<()> {
+        Env::cleanup(self).await
+    }
+}
+
+impl Streams {
+    /// No streams yet, on the server of `js`; names are made from `suffix`.
+    pub(crate) fn new(js: jetstream::Context, suffix: &str) -> Self {
+        Streams {
+            js,
+            suffix: suffix.to_owned(),
+            names: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Creates the stream `BENCH_<SUFFIX>_<ROLE>` capturing
+    /// `bench_<suffix>_<role>.>` (file storage, the publisher's default
+    /// duplicate window), keeping the newest `max_messages` messages (-1: all).
+    pub(crate) async fn create(
         &self,
         role: &str,
         max_messages: i64,
@@ -101,7 +136,7 @@ impl Env {
         let name = format!("{STREAM_PREFIX}{}_{}", self.suffix, role).to_uppercase();
         let prefix = format!("{SCHEMA_PREFIX}{}_{}", self.suffix, role).to_lowercase();
         // Registered before it exists, so a half-done creation is cleaned up too.
-        self.streams
+        self.names
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(name.clone());
@@ -124,33 +159,46 @@ impl Env {
         })
     }
 
-    /// Deletes the streams and removes the database; tries everything, then
-    /// reports what failed.
-    pub(crate) async fn cleanup(&self) -> anyhow::Result<()> {
-        let mut failures = Vec::new();
-        let streams = std::mem::take(&mut *self.streams.lock().unwrap_or_else(|e| e.into_inner()));
-        for name in streams {
-            let deleted =
-                tokio::time::timeout(Duration::from_secs(30), self.js.delete_stream(&name)).await;
-            match deleted {
-                Ok(Ok(_)) => {}
-                Ok(Err(e))
-                    if matches!(
-                        e.kind(),
-                        jetstream::context::DeleteStreamErrorKind::JetStream(ref js)
-                            if js.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
-                    ) => {}
-                Ok(Err(e)) => failures.push(format!("stream {name}: {e}")),
-                Err(_) => failures.push(format!("stream {name}: timed out")),
-            }
+    /// Deletes one stream now (rather than at [`Streams::cleanup`]).
+    pub(crate) async fn delete(&self, stream: &BenchStream) -> anyhow::Result<()> {
+        if let Some(failure) = self.delete_named(&stream.name).await {
+            bail!("could not remove {failure}");
         }
-        if let Err(failure) = self.db.cleanup().await {
-            failures.push(failure);
-        }
-        if !failures.is_empty() {
-            bail!("could not remove {}", failures.join("; "));
-        }
+        self.names
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|name| *name != stream.name);
         Ok(())
+    }
+
+    /// Deletes every stream still registered; returns what failed.
+    pub(crate) async fn cleanup(&self) -> Vec<String> {
+        let names = std::mem::take(&mut *self.names.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut failures = Vec::new();
+        for name in names {
+            failures.extend(self.delete_named(&name).await);
+        }
+        failures
+    }
+
+    /// Deletes the stream `name` (gone already is fine); `Some` says why not.
+    async fn delete_named(&self, name: &str) -> Option<String> {
+        let deleted =
+            tokio::time::timeout(Duration::from_secs(30), self.js.delete_stream(name)).await;
+        match deleted {
+            Ok(Ok(_)) => None,
+            Ok(Err(e))
+                if matches!(
+                    e.kind(),
+                    jetstream::context::DeleteStreamErrorKind::JetStream(ref js)
+                        if js.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+                ) =>
+            {
+                None
+            }
+            Ok(Err(e)) => Some(format!("stream {name}: {e}")),
+            Err(_) => Some(format!("stream {name}: timed out")),
+        }
     }
 }
 
@@ -186,11 +234,17 @@ impl BenchStream {
 
     /// The configuration of a `NatsPublisher` on this stream.
     pub(crate) fn nats_config(&self, url: &str) -> NatsConfig {
-        NatsConfig::default()
-            .with_url(url)
+        self.configure(NatsConfig::default().with_url(url))
+    }
+
+    /// `config` publishing to this stream: its stream, subject prefix and
+    /// duplicate window set, `create_stream` off; the rest kept.
+    pub(crate) fn configure(&self, config: NatsConfig) -> NatsConfig {
+        config
             .with_stream(&self.name)
             .with_subject_prefix(&self.prefix)
             .with_duplicate_window(DUPLICATE_WINDOW)
+            .with_create_stream(false)
     }
 
     /// The subject the relay publishes `event` to (`{prefix}.{type}`, the
@@ -198,6 +252,15 @@ impl BenchStream {
     pub(crate) fn subject(&self, event: &Event) -> String {
         format!("{}.{}", self.prefix, event.event_type())
     }
+}
+
+/// A name part unique to this run of the tool: `<scenario>_<pid>_<time>`.
+pub(crate) fn unique_suffix(scenario: &str) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    format!("{scenario}_{}_{:x}", std::process::id(), nanos % (1 << 40))
 }
 
 /// The headers the bare baselines send: the same names and values as the

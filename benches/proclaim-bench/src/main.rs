@@ -15,6 +15,21 @@
 //! cargo run --release -p proclaim-bench -- drain --events 100000 --runs 5 --store sqlite
 //! cargo run --release -p proclaim-bench -- drain --events 100000 --runs 5 --store mysql
 //!
+//! # Throughput per broker, measured as drain does: the relay with any
+//! # destination URL's publisher (scheme = broker, query = publisher
+//! # settings). Baseline (a') is proclaim's own publisher of that destination
+//! # (not a raw client), so relay/H is the relay's overhead over its
+//! # publisher; (b) is drain's claim-and-delete. Each run and role gets its
+//! # own stream / exchange + queue / key / topic, removed afterwards; the URL
+//! # only needs the broker's address. `http://127.0.0.1:0/PATH` (port 0)
+//! # starts a local webhook sink that answers 204.
+//! cargo run --release -p proclaim-bench -- broker --destination nats://127.0.0.1:4222
+//! cargo run --release -p proclaim-bench -- broker --destination amqp://guest:guest@127.0.0.1:5672/%2f
+//! cargo run --release -p proclaim-bench -- broker --destination redis://127.0.0.1:6379
+//! cargo run --release -p proclaim-bench -- broker --destination mqtt://127.0.0.1:1883
+//! cargo run --release -p proclaim-bench -- broker --destination http://127.0.0.1:0/events
+//! cargo run --release -p proclaim-bench -- broker --destination redis://127.0.0.1:6379 --store sqlite --events 50000 --runs 3
+//!
 //! # Latency: commit → JetStream publish ack at a steady offered rate, with the
 //! # NOTIFY wake-up (default) or polling only, against the COMMIT round trip
 //! # and a bare JetStream publish → ack round trip at the same rate.
@@ -38,6 +53,7 @@
 //! cargo run --release -p proclaim-bench -- latency --quick --no-wakeup
 //! cargo run --release -p proclaim-bench -- write --quick
 //! cargo run --release -p proclaim-bench -- soak --quick
+//! cargo run --release -p proclaim-bench -- broker --quick --destination amqp://guest:guest@127.0.0.1:5672/%2f
 //!
 //! # Machine-readable: one JSON object per line on stdout (the table goes to stderr).
 //! cargo run --release -p proclaim-bench -- drain --quick --json
@@ -63,19 +79,29 @@
 //! `proclaim_bench_<scenario>_<unique>` holding a fresh database file
 //! (SQLite), and its own file-storage streams
 //! `BENCH_<SCENARIO>_<UNIQUE>_{RELAY,BARE}`, and removes them at the end, also
-//! after an error, a panic or Ctrl-C. Log output (`RUST_LOG`, default `warn`)
-//! goes to stderr.
+//! after an error, a panic or Ctrl-C. `broker` does not use `--nats-url`: it
+//! connects to the broker of its `--destination`, where it creates streams
+//! `BENCH_BROKER_<UNIQUE>_R<n>_{RELAY,BARE}` (NATS), exchanges and queues
+//! `bench_broker_<unique>_r<n>_{relay,bare}[_q]` (RabbitMQ) or stream keys
+//! `bench:broker_<unique>:r<n>:{relay,bare}` (Redis), each removed after its
+//! run (and at the end, after an error or Ctrl-C); MQTT topics
+//! `bench/broker_<unique>/r<n>/…` leave nothing behind. `leftovers` knows
+//! only the streams of these. Log output (`RUST_LOG`, default `warn`) goes to
+//! stderr.
 
 mod db;
 
+mod broker;
 mod drain;
 mod env;
 mod latency;
 mod leftovers;
 mod output;
 mod plot;
+mod sink;
 mod soak;
 mod stats;
+mod targets;
 mod write;
 
 use std::path::PathBuf;
@@ -89,7 +115,7 @@ use crate::db::StoreKind;
 use crate::env::Env;
 use crate::output::Output;
 
-/// Benchmarks of the proclaim relay (PostgreSQL, SQLite or MariaDB → NATS JetStream).
+/// Benchmarks of the proclaim relay (PostgreSQL, SQLite or MariaDB → NATS JetStream, or any broker).
 #[derive(Debug, Parser)]
 #[command(name = "proclaim-bench", version)]
 struct Cli {
@@ -151,6 +177,8 @@ enum Command {
     Write(write::WriteArgs),
     /// Sustained drain: the relay at full speed for minutes on a backlog kept topped up, rate per window.
     Soak(soak::SoakArgs),
+    /// Throughput per broker: time to drain a pre-written outbox into any destination URL.
+    Broker(broker::BrokerArgs),
     /// SVG charts (latency distribution, drain throughput per relay count) from `--json` output.
     Plot(plot::PlotArgs),
     /// Lists (or deletes) schemas, databases, directories and streams left behind by killed runs.
@@ -204,14 +232,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             })
             .await
         }
+        Command::Broker(args) => {
+            let env = Arc::new(broker::BrokerEnv::new(&cli.common, &args).await?);
+            with_scratch("broker", env, move |env| broker::run(env, args, out)).await
+        }
         Command::Plot(args) => plot::run(args, out),
         Command::Leftovers(args) => leftovers::run(&cli.common, args, out).await,
     }
 }
 
-/// Creates the scenario's database on `store`, runs the scenario on a task of
-/// its own, and removes the database and streams afterwards, whether it
-/// succeeded, failed, panicked or was interrupted with Ctrl-C.
+/// What a scenario creates (a database, streams, queues, keys) and must
+/// remove at the end.
+pub(crate) trait Scratch: Send + Sync + 'static {
+    /// Removes everything that is left; tries everything, then reports what
+    /// failed.
+    async fn cleanup(&self) -> anyhow::Result<()>;
+}
+
+/// Creates the scenario's database on `store` and its NATS connection, then
+/// runs it as [`with_scratch`] does.
 async fn with_env<F, Fut>(
     scenario: &str,
     common: &Common,
@@ -223,6 +262,18 @@ where
     Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
 {
     let env = Arc::new(Env::new(scenario, common, store).await?);
+    with_scratch(scenario, env, body).await
+}
+
+/// Runs the scenario on a task of its own, and removes what `env` holds
+/// afterwards, whether it succeeded, failed, panicked or was interrupted
+/// with Ctrl-C.
+async fn with_scratch<S, F, Fut>(scenario: &str, env: Arc<S>, body: F) -> anyhow::Result<()>
+where
+    S: Scratch,
+    F: FnOnce(Arc<S>) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
     let mut task = tokio::spawn(body(env.clone()));
     let result = tokio::select! {
         joined = &mut task => match joined {
