@@ -18,6 +18,7 @@ pub mod binary;
 mod config;
 pub mod duration;
 mod event;
+pub mod inbox;
 pub mod fanout;
 pub mod local;
 mod publisher;
