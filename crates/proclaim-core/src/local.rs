@@ -1,5 +1,9 @@
 //! Publishers that need no broker: an in-process bus for single-process
 //! applications, and a JSON-lines writer for piping events into other tools.
+//!
+//! A [`Subscription`] of the bus is also a consumer [`Source`], so a
+//! [`Consumer`](crate::consumer::Consumer) can read it with typed handlers,
+//! per-subject order, retries and parking.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -7,6 +11,7 @@ use std::time::Duration;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::consumer::{Acker, Incoming, Source, SourceError};
 use crate::{Event, OutboxRecord, PublishError, Publisher};
 
 /// An in-process publish/subscribe bus with the outbox's durability.
@@ -27,6 +32,7 @@ use crate::{Event, OutboxRecord, PublishError, Publisher};
 /// # let _ = &mut thank_you;
 /// // Hand `bus.clone()` to a `Relay` as its publisher, then:
 /// // while let Some(delivery) = thank_you.next().await { …; delivery.ack(); }
+/// // or hand `thank_you` to a `proclaim_core::consumer::Consumer` as its source.
 /// ```
 #[derive(Clone, Default)]
 pub struct InProcessBus {
@@ -48,7 +54,9 @@ impl Subscriber {
     }
 }
 
-/// Events for one subscriber; see [`InProcessBus::subscribe`].
+/// Events for one subscriber; see [`InProcessBus::subscribe`]. Read them
+/// with [`Subscription::next`], or hand the subscription to a
+/// [`Consumer`](crate::consumer::Consumer) as its [`Source`].
 pub struct Subscription {
     name: String,
     receiver: mpsc::Receiver<Delivery>,
@@ -56,20 +64,94 @@ pub struct Subscription {
 
 /// One event handed to a subscriber. Call [`ack`](Delivery::ack) once it has
 /// been handled; dropping it unacknowledged makes the publish fail, so the
-/// relay retries it later.
+/// relay retries it later ([`nack`](Delivery::nack) also says when).
 #[derive(Debug)]
 pub struct Delivery {
     /// The event.
     pub event: Event,
     /// Delivery attempts of the event so far, counting this one.
     pub attempt: u32,
-    ack: oneshot::Sender<()>,
+    ack: oneshot::Sender<Reply>,
+}
+
+/// A subscriber's answer to one delivery.
+#[derive(Debug)]
+enum Reply {
+    Ack,
+    /// Deliver again, not before this delay.
+    Nack(Duration),
 }
 
 impl Delivery {
     /// Confirms the event was handled.
     pub fn ack(self) {
-        let _ = self.ack.send(());
+        let _ = self.ack.send(Reply::Ack);
+    }
+
+    /// Refuses the event for now: the publish fails transiently asking the
+    /// relay to wait at least `delay` (its `Retry-After`), and the relay
+    /// delivers it again.
+    ///
+    /// ```
+    /// # async fn demo(mut sub: proclaim_core::local::Subscription) {
+    /// if let Some(delivery) = sub.next().await {
+    ///     delivery.nack(std::time::Duration::from_secs(5)); // not now
+    /// }
+    /// # }
+    /// ```
+    pub fn nack(self, delay: Duration) {
+        let _ = self.ack.send(Reply::Nack(delay));
+    }
+}
+
+/// Settles a [`Delivery`] for the consumer runtime.
+struct DeliveryAcker(oneshot::Sender<Reply>);
+
+impl Acker for DeliveryAcker {
+    async fn ack(self) -> Result<(), SourceError> {
+        // A publisher that stopped waiting (its timeout, or the bus is
+        // gone) retries the event on its side: nothing to report here.
+        let _ = self.0.send(Reply::Ack);
+        Ok(())
+    }
+
+    async fn nack(self, delay: Duration) -> Result<(), SourceError> {
+        let _ = self.0.send(Reply::Nack(delay));
+        Ok(())
+    }
+}
+
+/// Each [`Delivery`] becomes an [`Incoming`] whose delivery attempt is the
+/// relay's attempt count; `None` once the bus is gone.
+///
+/// ```no_run
+/// use proclaim_core::CancellationToken;
+/// use proclaim_core::consumer::{Consumer, Context};
+/// use proclaim_core::local::InProcessBus;
+/// # async fn demo(bus: InProcessBus, parked: impl proclaim_core::inbox::ParkedEvents)
+/// # -> Result<(), proclaim_core::ConfigError> {
+/// let subscription = bus.subscribe("audit", Vec::<String>::new());
+/// let report = Consumer::new("audit")
+///     .on_event("*", |cx: Context<()>| async move {
+///         tracing::info!(id = %cx.event.id(), "audited");
+///         Ok(())
+///     })
+///     .park_into(parked)
+///     .run(subscription, CancellationToken::new())
+///     .await?;
+/// # let _ = report;
+/// # Ok(()) }
+/// ```
+impl Source for Subscription {
+    async fn receive(&mut self) -> Option<Result<Incoming, SourceError>> {
+        let Delivery {
+            event,
+            attempt,
+            ack,
+        } = self.next().await?;
+        Some(Ok(
+            Incoming::new(event, DeliveryAcker(ack)).with_delivery_attempt(attempt)
+        ))
     }
 }
 
@@ -171,11 +253,16 @@ impl Publisher for InProcessBus {
         }
         for (name, acked) in acks {
             let wait = async {
-                acked.await.map_err(|_| {
-                    PublishError::transient(format!(
-                        "subscriber {name} dropped the event without acknowledging it"
+                match acked.await {
+                    Ok(Reply::Ack) => Ok(()),
+                    Ok(Reply::Nack(delay)) => Err(PublishError::transient(format!(
+                        "subscriber {name} asked for the event again later"
                     ))
-                })
+                    .with_retry_after(delay)),
+                    Err(_) => Err(PublishError::transient(format!(
+                        "subscriber {name} dropped the event without acknowledging it"
+                    ))),
+                }
             };
             match self.ack_timeout {
                 Some(t) => tokio::time::timeout(t, wait).await.map_err(|_| {
@@ -297,6 +384,21 @@ mod tests {
             err.to_string().contains("no in-process subscriber"),
             "a dropped subscription unsubscribes: {err}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_nack_fails_the_publish_asking_for_the_subscribers_delay() {
+        let bus = InProcessBus::new();
+        let mut sub = bus.subscribe("later", Vec::<String>::new());
+        let publish = tokio::spawn({
+            let bus = bus.clone();
+            async move { bus.publish(&record("T", 1)).await }
+        });
+        sub.next().await.unwrap().nack(Duration::from_secs(7));
+        let err = publish.await.unwrap().unwrap_err();
+        assert!(err.is_transient());
+        assert_eq!(err.retry_after(), Some(Duration::from_secs(7)));
+        assert!(err.to_string().contains("again later"), "{err}");
     }
 
     #[tokio::test]

@@ -35,10 +35,12 @@ mod decode;
 mod error;
 mod headers;
 mod publisher;
+pub mod request;
 mod subject;
 
 pub use config::NatsConfig;
 pub use decode::{DecodeError, decode_message};
 pub use error::NatsError;
 pub use publisher::NatsPublisher;
+pub use request::{DEFAULT_REQUEST_PREFIX, NatsRequests};
 pub use subject::{InvalidSubject, SubjectTemplate};
