@@ -118,3 +118,24 @@ pub trait ParkedEvents: Send + Sync + 'static {
         ids: &[i64],
     ) -> impl Future<Output = Result<Vec<ParkedEvent>, StoreError>> + Send;
 }
+
+impl<P: ParkedEvents> ParkedEvents for std::sync::Arc<P> {
+    fn park(&self, parked: &ParkedEvent) -> impl Future<Output = Result<(), StoreError>> + Send {
+        (**self).park(parked)
+    }
+
+    fn parked(
+        &self,
+        consumer: Option<&str>,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<ParkedEvent>, StoreError>> + Send {
+        (**self).parked(consumer, limit)
+    }
+
+    fn take(
+        &self,
+        ids: &[i64],
+    ) -> impl Future<Output = Result<Vec<ParkedEvent>, StoreError>> + Send {
+        (**self).take(ids)
+    }
+}
