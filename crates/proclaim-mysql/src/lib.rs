@@ -17,6 +17,10 @@
 //! table lives in the database of the connection URL; its name is
 //! configurable ([`MySqlOutboxOptions`]) and validated as a plain identifier.
 //!
+//! On the consuming side, [`MySqlInbox`] records the events each consumer
+//! has handled in the handler's own transaction (an exactly-once effect) and
+//! keeps the events consumers park.
+//!
 //! ```no_run
 //! use proclaim_core::{Event, OutboxStore};
 //! use proclaim_mysql::{MySqlOutbox, MySqlOutboxOptions};
@@ -43,10 +47,12 @@
 
 mod error;
 mod ident;
+mod inbox;
 mod options;
 mod outbox;
 mod sql;
 
+pub use inbox::{MAX_CONSUMER_LEN, MySqlInbox, MySqlInboxOptions, MySqlInboxTx};
 pub use options::MySqlOutboxOptions;
 pub use outbox::{MAX_CLAIM, MySqlOutbox, SCHEMA_VERSION, SUBJECT_LOCK_SLOTS};
 pub use proclaim_core::DeadLetterEntry;

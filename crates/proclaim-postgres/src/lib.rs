@@ -20,14 +20,20 @@
 //!
 //! Schema and table are configurable ([`PgOutboxOptions`]) and validated as
 //! plain SQL identifiers.
+//!
+//! On the consuming side, [`PgInbox`] records the events each consumer has
+//! handled in the handler's own transaction (an exactly-once effect) and
+//! keeps the events consumers park.
 
 mod error;
 mod floor;
 mod ident;
+mod inbox;
 mod options;
 mod outbox;
 mod sql;
 
+pub use inbox::{PgInbox, PgInboxOptions, PgInboxTx};
 pub use options::PgOutboxOptions;
 pub use outbox::{PgOutbox, SCHEMA_VERSION};
 pub use proclaim_core::DeadLetterEntry;

@@ -21,6 +21,10 @@
 //! own, and every process sharing the file runs on the same machine — so
 //! leases and retry times compare consistently.
 //!
+//! On the consuming side, [`SqliteInbox`] records the events each consumer
+//! has handled in the handler's own transaction (an exactly-once effect) and
+//! keeps the events consumers park.
+//!
 //! ```no_run
 //! use proclaim_core::{Event, OutboxStore, LeaseToken};
 //! use proclaim_sqlite::SqliteOutbox;
@@ -42,11 +46,13 @@
 
 mod error;
 mod ident;
+mod inbox;
 mod options;
 mod outbox;
 mod sql;
 mod wake;
 
+pub use inbox::{DEFAULT_INBOX_TABLE, SqliteInbox, SqliteInboxOptions, SqliteInboxTx};
 pub use options::{DEFAULT_TABLE, SqliteOutboxOptions};
 pub use outbox::{SCHEMA_VERSION, SqliteOutbox};
 pub use proclaim_core::DeadLetterEntry;

@@ -8,6 +8,7 @@
 
 pub mod conformance;
 pub mod events;
+pub mod inbox_conformance;
 pub mod mysql;
 pub mod nats;
 pub mod net;

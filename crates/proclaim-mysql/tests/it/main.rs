@@ -1,6 +1,8 @@
 //! MySQL store tests against the real local MySQL / MariaDB.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+mod inbox;
+
 use std::time::Duration;
 
 use proclaim_core::{

@@ -1,6 +1,8 @@
 //! PostgreSQL store tests against the real local PostgreSQL.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+mod inbox;
+
 use std::time::Duration;
 
 use proclaim_core::{Event, LeaseToken, OutboxStore, StoreError};

@@ -2,6 +2,8 @@
 //! per test, and what is particular to SQLite.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+mod inbox;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
