@@ -25,12 +25,15 @@ pub(crate) struct GlobalArgs {
     /// Database URL; its scheme chooses the store (postgres://…).
     #[arg(long, env = "PROCLAIM_DATABASE_URL", global = true)]
     pub(crate) database_url: Option<String>,
-    /// Schema of the outbox table, PostgreSQL only [default: proclaim].
+    /// Schema of the outbox table (and of the consumers' inbox tables), PostgreSQL only [default: proclaim].
     #[arg(long, env = "PROCLAIM_SCHEMA", global = true)]
     pub(crate) schema: Option<String>,
     /// Name of the outbox table [default: outbox on PostgreSQL, proclaim_outbox elsewhere].
     #[arg(long, env = "PROCLAIM_TABLE", global = true)]
     pub(crate) table: Option<String>,
+    /// Name of the consumers' inbox table; the events they parked are in `<name>_parked` next to it (same database, on PostgreSQL in --schema). Used by `status --parked` and `replay --parked…` [default: inbox on PostgreSQL, proclaim_inbox elsewhere].
+    #[arg(long, env = "PROCLAIM_INBOX_TABLE", global = true)]
+    pub(crate) inbox_table: Option<String>,
     /// Log format on stderr.
     #[arg(long, env = "PROCLAIM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub(crate) log_format: LogFormat,
@@ -50,9 +53,9 @@ pub(crate) enum Command {
     Relay(RelayArgs),
     /// Write one event to the outbox in its own transaction; prints its id.
     Emit(EmitArgs),
-    /// Show pending, in-flight and dead-lettered events.
+    /// Show pending, in-flight and dead-lettered events, and optionally the events consumers parked.
     Status(StatusArgs),
-    /// Put dead-lettered events back in line for delivery.
+    /// Put dead-lettered events (or events consumers parked) back in line for delivery.
     Replay(ReplayArgs),
     /// The CampaignFinance scenario on the embedded default (SQLite + in-process bus): no services needed.
     Demo(DemoArgs),
@@ -199,15 +202,142 @@ pub(crate) struct StatusArgs {
     /// Also list up to this many dead-lettered events.
     #[arg(long, default_value_t = 0)]
     pub(crate) dead_letters: u32,
+    /// Also list up to this many events consumers parked (oldest first), from the inbox's `<inbox table>_parked` table (see --inbox-table); in --json as a `parked` array.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) parked: Option<u32>,
+    /// With --parked: only the events this consumer parked.
+    #[arg(long, value_name = "NAME", requires = "parked")]
+    pub(crate) consumer: Option<String>,
 }
 
+/// `proclaim replay`: what to replay.
+#[derive(Debug, Args)]
+#[command(after_help = "\
+Dead letters (--all, --id) are outbox rows the relay gave up on: they get fresh attempts.
+
+Parked events (--parked, --parked-all) are events a consumer gave up on, kept in the \
+inbox's parked table (see --inbox-table). Each is enqueued into the outbox again, with the \
+same event id, in one transaction, and only then removed from the parked table: consumers \
+that handled it already skip it through their inbox, the one that parked it handles it \
+again. Undecodable parked events, and events whose id the outbox still holds (a published \
+row the relay keeps for --retention, or one not delivered yet), cannot be replayed: they \
+stay parked and are reported on stderr. Exit code 0 when at least one was replayed (or \
+nothing was parked), 1 when there were events to replay and none could be.")]
+pub(crate) struct ReplayArgs {
+    #[command(flatten)]
+    pub(crate) which: ReplayWhich,
+    /// With --parked-all: only the events this consumer parked.
+    // `requires = "parked_all"` would not do: a flag's default (false)
+    // counts as present. One of the four is required, so this means
+    // --parked-all.
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["all", "ids", "parked"])]
+    pub(crate) consumer: Option<String>,
+}
+
+/// Exactly one of the ways to choose what `proclaim replay` replays.
 #[derive(Debug, Args)]
 #[group(required = true, multiple = false)]
-pub(crate) struct ReplayArgs {
+pub(crate) struct ReplayWhich {
     /// Replay every dead-lettered event.
     #[arg(long)]
     pub(crate) all: bool,
-    /// Replay these event ids.
-    #[arg(long = "id")]
+    /// Replay these dead-lettered event ids (repeatable).
+    #[arg(long = "id", value_name = "EVENT_ID")]
     pub(crate) ids: Vec<uuid::Uuid>,
+    /// Replay these parked events, by the id `status --parked` shows (#N): `--parked 3 4` or `--parked 3,4`.
+    #[arg(
+        long,
+        value_name = "ID",
+        num_args = 1..,
+        value_delimiter = ',',
+        value_parser = clap::value_parser!(i64).range(1..)
+    )]
+    pub(crate) parked: Vec<i64>,
+    /// Replay every parked event (of --consumer, or of every consumer).
+    #[arg(long)]
+    pub(crate) parked_all: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn parse(argv: &[&str]) -> Result<Command, String> {
+        Cli::try_parse_from(["proclaim"].iter().chain(argv))
+            .map(|cli| cli.command)
+            .map_err(|e| e.to_string())
+    }
+
+    fn replay(argv: &[&str]) -> ReplayArgs {
+        match parse(&[&["replay"], argv].concat()) {
+            Ok(Command::Replay(args)) => args,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn status(argv: &[&str]) -> StatusArgs {
+        match parse(&[&["status"], argv].concat()) {
+            Ok(Command::Status(args)) => args,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn replay_takes_parked_ids_as_a_list_or_repeated() {
+        assert_eq!(replay(&["--parked", "3", "4"]).which.parked, [3, 4]);
+        assert_eq!(replay(&["--parked", "3,4"]).which.parked, [3, 4]);
+        assert_eq!(
+            replay(&["--parked", "3", "--parked", "5"]).which.parked,
+            [3, 5]
+        );
+        let all = replay(&["--parked-all", "--consumer", "thank-you"]);
+        assert!(all.which.parked_all);
+        assert_eq!(all.consumer.as_deref(), Some("thank-you"));
+        assert!(replay(&["--all"]).which.all);
+    }
+
+    #[test]
+    fn replay_takes_exactly_one_choice() {
+        for bad in [
+            &[][..],
+            &["--all", "--parked-all"],
+            &["--parked", "1", "--parked-all"],
+            &[
+                "--id",
+                "0190a5e4-0000-7000-8000-000000000000",
+                "--parked",
+                "1",
+            ],
+            &["--parked"],
+            &["--parked", "0"],
+            &["--parked", "x"],
+            &["--consumer", "thank-you"],
+            &["--all", "--consumer", "thank-you"],
+            &["--parked", "1", "--consumer", "thank-you"],
+        ] {
+            let argv = [&["replay"], bad].concat();
+            assert!(parse(&argv).is_err(), "accepted {argv:?}");
+        }
+    }
+
+    #[test]
+    fn status_lists_parked_events_only_when_asked() {
+        let plain = status(&[]);
+        assert_eq!((plain.parked, plain.consumer), (None, None));
+        let some = status(&["--parked", "20", "--consumer", "c"]);
+        assert_eq!(some.parked, Some(20));
+        assert_eq!(some.consumer.as_deref(), Some("c"));
+        assert!(parse(&["status", "--consumer", "c"]).is_err());
+        assert!(parse(&["status", "--parked", "0"]).is_err());
+        assert!(parse(&["status", "--parked"]).is_err());
+    }
+
+    #[test]
+    fn the_inbox_table_is_a_global_option() {
+        let cli = Cli::try_parse_from(["proclaim", "status", "--inbox-table", "billing_inbox"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cli.global.inbox_table.as_deref(), Some("billing_inbox"));
+    }
 }

@@ -30,6 +30,7 @@ const GLOBAL_FLAGS: &[&str] = &[
     "--database-url",
     "--schema",
     "--table",
+    "--inbox-table",
     "--log-format",
     "--help",
     "-h",
@@ -71,8 +72,14 @@ const SUBCOMMANDS: &[(&str, &[&str])] = &[
             "--dataschema",
         ],
     ),
-    ("status", &["--json", "--dead-letters"]),
-    ("replay", &["--all", "--id"]),
+    (
+        "status",
+        &["--json", "--dead-letters", "--parked", "--consumer"],
+    ),
+    (
+        "replay",
+        &["--all", "--id", "--parked", "--parked-all", "--consumer"],
+    ),
     ("demo", &["--donors", "--db"]),
     ("help", &["migrate", "relay", "emit"]),
 ];
@@ -404,7 +411,13 @@ impl Drop for TempConfig {
     }
 }
 
-const TOP_KEYS: &[&str] = &["database_url", "schema", "table", "metrics_addr"];
+const TOP_KEYS: &[&str] = &[
+    "database_url",
+    "schema",
+    "table",
+    "inbox_table",
+    "metrics_addr",
+];
 const RELAY_KEYS: &[&str] = &[
     "batch_size",
     "max_concurrent_publishes",
@@ -515,6 +528,7 @@ fn valid_lines() -> impl Strategy<Value = Vec<(&'static str, String)>> {
             "database_url = \"postgres://app@127.0.0.1/app\"".to_owned()
         )),
         Just(("", "schema = \"proclaim\"".to_owned())),
+        Just(("", "inbox_table = \"inbox\"".to_owned())),
         Just(("", "metrics_addr = \"127.0.0.1:9464\"".to_owned())),
         (1u32..=10_000).prop_map(|n| ("relay", format!("batch_size = {n}"))),
         duration

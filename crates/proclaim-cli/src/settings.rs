@@ -19,6 +19,7 @@ use crate::args::{GlobalArgs, RelayArgs, UnroutedArg};
 /// database_url = "postgres://app@127.0.0.1/app"
 /// schema = "proclaim"
 /// table = "outbox"
+/// inbox_table = "inbox"  # the consumers' inbox, for `status --parked` and `replay --parked…`
 ///
 /// [relay]
 /// batch_size = 256
@@ -56,6 +57,7 @@ pub(crate) struct FileConfig {
     pub(crate) database_url: Option<String>,
     pub(crate) schema: Option<String>,
     pub(crate) table: Option<String>,
+    pub(crate) inbox_table: Option<String>,
     pub(crate) metrics_addr: Option<std::net::SocketAddr>,
     pub(crate) relay: RelayConfig,
     pub(crate) nats: Option<NatsConfig>,
@@ -80,12 +82,14 @@ impl FileConfig {
     }
 }
 
-/// Where the outbox is. Schema and table fall back to each store's default.
+/// Where the outbox is, and the consumers' inbox next to it. Schema and
+/// tables fall back to each store's default.
 #[derive(Debug, Clone)]
 pub(crate) struct StoreSettings {
     pub(crate) database_url: String,
     pub(crate) schema: Option<String>,
     pub(crate) table: Option<String>,
+    pub(crate) inbox_table: Option<String>,
 }
 
 pub(crate) fn store_settings(
@@ -101,6 +105,10 @@ pub(crate) fn store_settings(
         database_url,
         schema: global.schema.clone().or_else(|| file.schema.clone()),
         table: global.table.clone().or_else(|| file.table.clone()),
+        inbox_table: global
+            .inbox_table
+            .clone()
+            .or_else(|| file.inbox_table.clone()),
     })
 }
 

@@ -3,9 +3,10 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use proclaim::mysql::{MySqlOutbox, MySqlOutboxOptions};
-use proclaim::postgres::{PgOutbox, PgOutboxOptions};
-use proclaim::sqlite::{SqliteOutbox, SqliteOutboxOptions};
+use proclaim::inbox::ParkedEvents;
+use proclaim::mysql::{MySqlInbox, MySqlInboxOptions, MySqlOutbox, MySqlOutboxOptions};
+use proclaim::postgres::{PgInbox, PgInboxOptions, PgOutbox, PgOutboxOptions};
+use proclaim::sqlite::{SqliteInbox, SqliteInboxOptions, SqliteOutbox, SqliteOutboxOptions};
 use sqlx::mysql::MySqlPoolOptions;
 use sqlx::postgres::PgPoolOptions;
 
@@ -178,6 +179,141 @@ impl LaneStore for MySqlOutbox {
     }
     fn table(&self) -> String {
         self.table_name().to_owned()
+    }
+}
+
+/// A store whose consumers' inbox (and the events they parked) lives next
+/// to its outbox: same database, sharing its connection pool.
+pub(crate) trait InboxStore {
+    /// The store's inbox.
+    type Inbox: ParkedEvents + ParkedTable;
+    /// The inbox of `--inbox-table` (else the store's default), in
+    /// `--schema` on PostgreSQL. Only builds it: nothing is queried.
+    fn inbox(&self, settings: &StoreSettings) -> anyhow::Result<Self::Inbox>;
+}
+
+/// The table where a store's inbox keeps parked events.
+pub(crate) trait ParkedTable {
+    /// Its quoted name, for messages.
+    fn parked_table(&self) -> &str;
+    /// Fails with a one-line hint when it does not exist (no consumer has
+    /// created its inbox tables here).
+    fn verify_parked_table(&self) -> impl std::future::Future<Output = anyhow::Result<()>> + Send;
+}
+
+/// The error for a missing table of parked events (exit code 1, like a
+/// missing outbox table).
+fn no_parked_table(table: &str, migrate: &str, flags: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "the table of parked events {table} does not exist: no consumer has parked anything \
+         here (a consumer creates its inbox tables with {migrate}; check {flags})"
+    )
+}
+
+impl InboxStore for PgOutbox {
+    type Inbox = PgInbox;
+    fn inbox(&self, settings: &StoreSettings) -> anyhow::Result<PgInbox> {
+        let mut options = PgInboxOptions::default();
+        if let Some(schema) = &settings.schema {
+            options = options.with_schema(schema);
+        }
+        if let Some(table) = &settings.inbox_table {
+            options = options.with_table(table);
+        }
+        Ok(PgInbox::with_options(self.pool().clone(), options)?)
+    }
+}
+
+impl ParkedTable for PgInbox {
+    fn parked_table(&self) -> &str {
+        self.parked_table_name()
+    }
+    async fn verify_parked_table(&self) -> anyhow::Result<()> {
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1::text) IS NOT NULL")
+            .bind(self.parked_table_name())
+            .fetch_one(self.pool())
+            .await
+            .context("cannot look for the table of parked events")?;
+        if exists {
+            Ok(())
+        } else {
+            Err(no_parked_table(
+                self.parked_table_name(),
+                "PgInbox::migrate",
+                "--schema and --inbox-table",
+            ))
+        }
+    }
+}
+
+impl InboxStore for SqliteOutbox {
+    type Inbox = SqliteInbox;
+    fn inbox(&self, settings: &StoreSettings) -> anyhow::Result<SqliteInbox> {
+        let mut options = SqliteInboxOptions::default();
+        if let Some(table) = &settings.inbox_table {
+            options = options.with_table(table);
+        }
+        Ok(SqliteInbox::with_options(self.pool().clone(), options)?)
+    }
+}
+
+impl ParkedTable for SqliteInbox {
+    fn parked_table(&self) -> &str {
+        self.parked_table_name()
+    }
+    async fn verify_parked_table(&self) -> anyhow::Result<()> {
+        let found: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = ?1",
+        )
+        .bind(self.parked_table_name().trim_matches('"'))
+        .fetch_one(self.pool())
+        .await
+        .context("cannot look for the table of parked events")?;
+        if found > 0 {
+            Ok(())
+        } else {
+            Err(no_parked_table(
+                self.parked_table_name(),
+                "SqliteInbox::migrate",
+                "--database-url and --inbox-table",
+            ))
+        }
+    }
+}
+
+impl InboxStore for MySqlOutbox {
+    type Inbox = MySqlInbox;
+    fn inbox(&self, settings: &StoreSettings) -> anyhow::Result<MySqlInbox> {
+        let mut options = MySqlInboxOptions::default();
+        if let Some(table) = &settings.inbox_table {
+            options = options.with_table(table);
+        }
+        Ok(MySqlInbox::with_options(self.pool().clone(), options)?)
+    }
+}
+
+impl ParkedTable for MySqlInbox {
+    fn parked_table(&self) -> &str {
+        self.parked_table_name()
+    }
+    async fn verify_parked_table(&self) -> anyhow::Result<()> {
+        let found: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM information_schema.tables \
+             WHERE table_schema = DATABASE() AND table_name = ?",
+        )
+        .bind(self.parked_table_name().trim_matches('`'))
+        .fetch_one(self.pool())
+        .await
+        .context("cannot look for the table of parked events")?;
+        if found > 0 {
+            Ok(())
+        } else {
+            Err(no_parked_table(
+                self.parked_table_name(),
+                "MySqlInbox::migrate",
+                "--database-url and --inbox-table",
+            ))
+        }
     }
 }
 

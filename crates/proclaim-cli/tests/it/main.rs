@@ -13,6 +13,8 @@ use proclaim_testkit::nats::{TestStream, nats_url};
 use proclaim_testkit::pg::{TestSchema, database_url};
 use tokio::process::{Child, Command};
 
+mod parked;
+
 const WAIT: Duration = Duration::from_secs(60);
 
 fn proclaim() -> Command {
