@@ -53,12 +53,14 @@
 //! ```
 
 mod config;
+mod consumer;
 mod error;
 mod message;
 mod publisher;
 mod routing;
 
 pub use config::RabbitConfig;
+pub use consumer::{RabbitQueueSource, RabbitSourceConfig};
 pub use error::RabbitError;
 /// The AMQP client this crate is built on, for consumers' use.
 pub use lapin;

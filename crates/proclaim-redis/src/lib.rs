@@ -94,12 +94,14 @@
 //! ```
 
 mod config;
+mod consumer;
 mod decode;
 mod error;
 mod publisher;
 mod stream;
 
 pub use config::RedisConfig;
+pub use consumer::{GroupStart, RedisSourceConfig, RedisStreamSource};
 pub use decode::{DATA_FIELD, DecodeError, DecodedEntry, decode_entry, decode_fields};
 pub use error::RedisError;
 pub use publisher::{CE_PREFIX, CONTENT_TYPE_FIELD, RedisPublisher};

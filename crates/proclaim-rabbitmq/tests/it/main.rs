@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod conformance;
+mod consumer;
 mod support;
 use std::time::{Duration, Instant};
 

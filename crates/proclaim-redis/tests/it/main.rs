@@ -13,6 +13,7 @@ use proclaim_testkit::events::{donor_secured, keyed, n_of, record};
 use proclaim_testkit::net::{SilentServer, free_addr};
 
 mod conformance;
+mod consumer;
 mod support;
 
 use support::{PrivateRedis, TestKeys, connection, entries, redis_url, xlen};
