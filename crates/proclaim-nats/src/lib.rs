@@ -31,6 +31,7 @@
 //! ```
 
 mod config;
+pub mod consumer;
 mod decode;
 mod error;
 mod headers;
@@ -39,6 +40,7 @@ pub mod request;
 mod subject;
 
 pub use config::NatsConfig;
+pub use consumer::{JetStreamSource, JetStreamSourceConfig, JetStreamSourceError};
 pub use decode::{DecodeError, decode_message};
 pub use error::NatsError;
 pub use publisher::NatsPublisher;

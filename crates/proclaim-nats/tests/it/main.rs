@@ -13,6 +13,7 @@ use proclaim_testkit::nats::{TestStream, nats_url};
 use proclaim_testkit::net::SilentServer;
 
 mod conformance;
+mod consumer;
 mod request;
 
 fn config_for(ts: &TestStream) -> NatsConfig {

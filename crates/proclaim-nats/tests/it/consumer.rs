@@ -1,0 +1,846 @@
+//! The consumer runtime on JetStream ([`JetStreamSource`]) with the real
+//! PostgreSQL inbox: each test has a stream and a schema of its own, handlers
+//! write one effect row per event through the inbox's transaction, and the
+//! tests check that every event's effect happened exactly once.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::Info;
+use proclaim_core::consumer::{Consumer, Context, HandlerError};
+use proclaim_core::inbox::{Inbox, InboxTx, ParkedEvents};
+use proclaim_core::{Backoff, CancellationToken, Event, Publisher};
+use proclaim_nats::{
+    JetStreamSource, JetStreamSourceConfig, JetStreamSourceError, NatsConfig, NatsPublisher,
+};
+use proclaim_postgres::{PgInbox, PgInboxOptions, PgInboxTx};
+use proclaim_testkit::events::{keyed, n_of, record};
+use proclaim_testkit::nats::{TestStream, nats_url};
+use proclaim_testkit::pg::TestSchema;
+use proclaim_testkit::{eventually, eventually_value};
+use uuid::Uuid;
+
+/// Upper bound of every wait (tests normally finish in a few seconds).
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A stream, a schema with the inbox tables and an `effects` table, and a
+/// publisher to the stream.
+struct Fixture {
+    ts: TestStream,
+    db: TestSchema,
+    inbox: PgInbox,
+    publisher: NatsPublisher,
+}
+
+impl Fixture {
+    async fn new() -> Self {
+        proclaim_testkit::init_tracing();
+        let ts = TestStream::new().await;
+        let db = TestSchema::new().await;
+        let inbox = PgInbox::with_options(
+            db.pool.clone(),
+            PgInboxOptions::default().with_schema(&db.name),
+        )
+        .unwrap();
+        inbox.migrate().await.unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            r#"CREATE TABLE "{}".effects (
+                   id       BIGSERIAL PRIMARY KEY,
+                   consumer TEXT   NOT NULL,
+                   event_id UUID   NOT NULL,
+                   subject  TEXT   NOT NULL,
+                   n        BIGINT NOT NULL)"#,
+            db.name
+        )))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        let publisher = NatsPublisher::connect(nats_config(&ts)).await.unwrap();
+        Fixture {
+            ts,
+            db,
+            inbox,
+            publisher,
+        }
+    }
+
+    fn nats(&self) -> NatsConfig {
+        nats_config(&self.ts)
+    }
+
+    async fn source(&self, config: JetStreamSourceConfig) -> JetStreamSource {
+        JetStreamSource::connect(self.nats(), config).await.unwrap()
+    }
+
+    /// Publishes through the outbox's publisher, one at a time (so stream
+    /// order is this order).
+    async fn publish(&self, events: &[Event]) {
+        for event in events {
+            self.publisher
+                .publish(&record(event.clone()))
+                .await
+                .unwrap();
+        }
+    }
+
+    /// Publishes every message the stream holds once more, with another
+    /// `Nats-Msg-Id`, so JetStream keeps both copies: the duplicates a relay
+    /// causes when it publishes an event again after a failure.
+    async fn publish_duplicates(&self) -> usize {
+        let stored = self.ts.messages().await;
+        for message in &stored {
+            let mut headers = message.headers.clone().unwrap_or_default();
+            let id = headers
+                .get("Nats-Msg-Id")
+                .map(|v| v.as_str().to_owned())
+                .unwrap_or_default();
+            headers.insert("Nats-Msg-Id", format!("{id}-again").as_str());
+            self.ts
+                .js
+                .publish_with_headers(message.subject.clone(), headers, message.payload.clone())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+        stored.len()
+    }
+
+    /// Each effect of `consumer`, in the order they were written.
+    async fn effects(&self, consumer: &str) -> Vec<(Uuid, String, i64)> {
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            r#"SELECT event_id, subject, n FROM "{}".effects WHERE consumer = $1 ORDER BY id"#,
+            self.db.name
+        )))
+        .bind(consumer)
+        .fetch_all(&self.db.pool)
+        .await
+        .unwrap()
+    }
+
+    /// How many effects each event has for `consumer`.
+    async fn effect_counts(&self, consumer: &str) -> HashMap<Uuid, usize> {
+        let mut counts = HashMap::new();
+        for (id, _, _) in self.effects(consumer).await {
+            *counts.entry(id).or_default() += 1;
+        }
+        counts
+    }
+
+    /// Waits until `consumer` has an effect for each of `events`, then
+    /// checks there is exactly one each and none for anything else.
+    async fn assert_effect_once(&self, consumer: &str, events: &[Event]) {
+        let want: HashSet<Uuid> = events.iter().map(Event::id).collect();
+        let what = format!(
+            "{consumer} to have an effect for each of {} events",
+            want.len()
+        );
+        eventually(DEADLINE, &what, || async {
+            let have: HashSet<Uuid> = self.effect_counts(consumer).await.into_keys().collect();
+            want.is_subset(&have)
+        })
+        .await;
+        let counts = self.effect_counts(consumer).await;
+        assert_eq!(
+            counts.keys().copied().collect::<HashSet<_>>(),
+            want,
+            "{consumer}: effects for other events"
+        );
+        for (id, n) in &counts {
+            assert_eq!(*n, 1, "{consumer}: event {id} had {n} effects");
+        }
+    }
+
+    async fn consumer_info(&self, group: &str) -> Info {
+        let stream = self.ts.js.get_stream(&self.ts.name).await.unwrap();
+        stream.consumer_info(group).await.unwrap()
+    }
+
+    /// Waits until `group` has nothing left: every message delivered and
+    /// acknowledged.
+    async fn wait_settled(&self, group: &str) {
+        let what = format!("consumer group {group} to have acked everything");
+        eventually(DEADLINE, &what, || async {
+            let info = self.consumer_info(group).await;
+            info.num_ack_pending == 0 && info.num_pending == 0
+        })
+        .await;
+    }
+}
+
+fn nats_config(ts: &TestStream) -> NatsConfig {
+    NatsConfig::default()
+        .with_url(nats_url())
+        .with_stream(&ts.name)
+        .with_subject_prefix(&ts.prefix)
+}
+
+/// `per_subject` events on each of `subjects` subjects, published round
+/// robin: subject `s<i>` gets n = 0, 1, … in order.
+fn events(subjects: usize, per_subject: u64) -> Vec<Event> {
+    let mut out = Vec::new();
+    for n in 0..per_subject {
+        for s in 0..subjects {
+            out.push(keyed(&format!("donor-{s}"), n));
+        }
+    }
+    out
+}
+
+/// Fast retries, so failing attempts do not slow the tests down.
+fn consumer(name: &str, inbox: &PgInbox) -> Consumer {
+    Consumer::new(name)
+        .retry(
+            Backoff::new(Duration::from_millis(10), Duration::from_millis(100)),
+            5,
+        )
+        .outage_backoff(Backoff::new(
+            Duration::from_millis(20),
+            Duration::from_millis(500),
+        ))
+        .park_into(inbox.clone())
+}
+
+/// The handler's side of the test: the inbox, the effects table, and what
+/// it saw.
+#[derive(Clone)]
+struct Effects {
+    inbox: PgInbox,
+    schema: String,
+    /// Deliveries the inbox recognised as handled before.
+    duplicates: Arc<AtomicU64>,
+    /// Effects this handler committed.
+    committed: Arc<AtomicU64>,
+}
+
+impl Effects {
+    fn new(fx: &Fixture) -> Self {
+        Effects {
+            inbox: fx.inbox.clone(),
+            schema: fx.db.name.clone(),
+            duplicates: Arc::default(),
+            committed: Arc::default(),
+        }
+    }
+
+    /// Begins the inbox transaction; `None` for a duplicate.
+    async fn begin(&self, cx: &Context<()>) -> Result<Option<PgInboxTx>, HandlerError> {
+        let tx = self.inbox.begin(cx.consumer(), &cx.event).await?;
+        if tx.is_none() {
+            self.duplicates.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(tx)
+    }
+
+    /// Writes the event's effect through the inbox transaction.
+    async fn write(&self, tx: &mut PgInboxTx, cx: &Context<()>) -> Result<(), HandlerError> {
+        let n = i64::try_from(n_of(&cx.event)).unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            r#"INSERT INTO "{}".effects (consumer, event_id, subject, n) VALUES ($1, $2, $3, $4)"#,
+            self.schema
+        )))
+        .bind(cx.consumer())
+        .bind(cx.event.id())
+        .bind(cx.event.subject())
+        .bind(n)
+        .execute(&mut **tx)
+        .await
+        .map_err(|e| HandlerError::transient("cannot write the effect").with_source(e))?;
+        Ok(())
+    }
+
+    /// The whole handling: inbox, effect, commit.
+    async fn apply(&self, cx: &Context<()>) -> Result<(), HandlerError> {
+        let Some(mut tx) = self.begin(cx).await? else {
+            return Ok(());
+        };
+        self.write(&mut tx, cx).await?;
+        tx.commit().await?;
+        self.committed.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn duplicates(&self) -> u64 {
+        self.duplicates.load(Ordering::SeqCst)
+    }
+
+    fn committed(&self) -> u64 {
+        self.committed.load(Ordering::SeqCst)
+    }
+}
+
+/// A consumer named `group` whose handler applies each event's effect once.
+fn effect_consumer(group: &str, effects: &Effects) -> Consumer {
+    let handler = effects.clone();
+    consumer(group, &effects.inbox).on_event("*", move |cx: Context<()>| {
+        let effects = handler.clone();
+        async move { effects.apply(&cx).await }
+    })
+}
+
+#[tokio::test]
+async fn injected_duplicates_have_their_effect_once() {
+    let fx = Fixture::new().await;
+    let group = "volunteer-thank-you";
+    let events = events(8, 5);
+    fx.publish(&events).await;
+    // The same messages again under other Nats-Msg-Ids: JetStream keeps them.
+    assert_eq!(fx.publish_duplicates().await, events.len());
+    fx.ts
+        .wait_for_count(2 * events.len() as u64, DEADLINE)
+        .await;
+
+    let effects = Effects::new(&fx);
+    let source = fx.source(JetStreamSourceConfig::new(group)).await;
+    let handle = effect_consumer(group, &effects)
+        .concurrency(8)
+        .spawn(source)
+        .unwrap();
+
+    fx.assert_effect_once(group, &events).await;
+    let total = 2 * events.len() as u64;
+    eventually(DEADLINE, "every delivery handled", || async {
+        handle.report().handled == total
+    })
+    .await;
+    fx.wait_settled(group).await;
+    let report = handle.shutdown().await;
+
+    assert_eq!(effects.committed(), events.len() as u64);
+    assert_eq!(effects.duplicates(), events.len() as u64);
+    assert_eq!(report.handled, total);
+    assert_eq!((report.parked, report.ack_failures), (0, 0), "{report:?}");
+    for event in &events {
+        assert!(fx.inbox.contains(group, event.id()).await.unwrap());
+    }
+    fx.assert_effect_once(group, &events).await;
+}
+
+#[tokio::test]
+async fn a_handler_that_fails_mid_transaction_is_retried_and_has_its_effect_once() {
+    let fx = Fixture::new().await;
+    let group = "fundraising-strategy";
+    let events = events(6, 4);
+    fx.publish(&events).await;
+
+    let effects = Effects::new(&fx);
+    let failed = Arc::new(AtomicU64::new(0));
+    let handler = (effects.clone(), failed.clone());
+    let source = fx.source(JetStreamSourceConfig::new(group)).await;
+    let handle = consumer(group, &fx.inbox)
+        .on_event("*", move |cx: Context<()>| {
+            let (effects, failed) = handler.clone();
+            async move {
+                let n = n_of(&cx.event);
+                let Some(mut tx) = effects.begin(&cx).await? else {
+                    return Ok(());
+                };
+                effects.write(&mut tx, &cx).await?;
+                if cx.attempt == 1 && n.is_multiple_of(2) {
+                    // The effect is written, not committed: the failure
+                    // rolls it back with the inbox row.
+                    failed.fetch_add(1, Ordering::SeqCst);
+                    if n.is_multiple_of(4) {
+                        panic!("crash in the middle of the transaction");
+                    }
+                    return Err(HandlerError::transient("lost the connection"));
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+        })
+        .concurrency(4)
+        .spawn(source)
+        .unwrap();
+
+    fx.assert_effect_once(group, &events).await;
+    fx.wait_settled(group).await;
+    let report = handle.shutdown().await;
+
+    let failing = events.iter().filter(|e| n_of(e).is_multiple_of(2)).count() as u64;
+    assert_eq!(failed.load(Ordering::SeqCst), failing);
+    assert_eq!(report.retried, failing, "{report:?}");
+    assert_eq!(report.handled, events.len() as u64, "{report:?}");
+    assert_eq!(report.parked, 0, "{report:?}");
+    fx.assert_effect_once(group, &events).await;
+}
+
+#[tokio::test]
+async fn a_consumer_killed_between_commit_and_ack_gets_the_message_again_and_skips_it() {
+    let fx = Fixture::new().await;
+    let group = "receipts";
+    let events = events(2, 5);
+    let victim = events[4].id(); // donor-0, n = 2
+    fx.publish(&events).await;
+
+    let effects = Effects::new(&fx);
+    let committed = Arc::new(tokio::sync::Notify::new());
+    let victim_deliveries = Arc::new(AtomicU32::new(0));
+    let build = || {
+        let state = (
+            effects.clone(),
+            committed.clone(),
+            victim_deliveries.clone(),
+        );
+        consumer(group, &fx.inbox).on_event("*", move |cx: Context<()>| {
+            let (effects, committed, victim_deliveries) = state.clone();
+            async move {
+                effects.apply(&cx).await?;
+                if cx.event.id() == victim {
+                    let delivery = cx.delivery_attempt.unwrap_or(0);
+                    victim_deliveries.fetch_max(delivery, Ordering::SeqCst);
+                    if delivery == 1 {
+                        // Committed, not yet acked: the process dies here.
+                        committed.notify_one();
+                        std::future::pending::<()>().await;
+                    }
+                }
+                Ok(())
+            }
+        })
+    };
+    let config = JetStreamSourceConfig::new(group).with_ack_wait(Duration::from_secs(1));
+
+    let source = fx.source(config.clone()).await;
+    let running = tokio::spawn(build().run(source, CancellationToken::new()));
+    committed.notified().await;
+    running.abort();
+    assert!(running.await.unwrap_err().is_cancelled());
+    assert_eq!(fx.effect_counts(group).await.get(&victim), Some(&1));
+    assert!(fx.consumer_info(group).await.num_ack_pending >= 1);
+
+    // The restarted consumer gets the victim again (after ack_wait); the
+    // inbox recognises it.
+    let source = fx.source(config).await;
+    let handle = build().spawn(source).unwrap();
+    fx.assert_effect_once(group, &events).await;
+    fx.wait_settled(group).await;
+    let report = handle.shutdown().await;
+
+    assert!(victim_deliveries.load(Ordering::SeqCst) >= 2);
+    assert!(effects.duplicates() >= 1, "the victim was not redelivered");
+    // (Other handlings the abort cut short may have committed without
+    // counting it: the effects table is the measure.)
+    assert_eq!(report.parked, 0, "{report:?}");
+    fx.assert_effect_once(group, &events).await;
+}
+
+#[tokio::test]
+async fn events_of_one_subject_are_handled_in_publish_order_under_concurrency() {
+    let fx = Fixture::new().await;
+    let group = "ledger";
+    let (subjects, per_subject) = (12, 8);
+    let events = events(subjects, per_subject);
+    fx.publish(&events).await;
+
+    let effects = Effects::new(&fx);
+    let running = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let state = (effects.clone(), running.clone(), peak.clone());
+    let source = fx.source(JetStreamSourceConfig::new(group)).await;
+    let handle = consumer(group, &fx.inbox)
+        .on_event("*", move |cx: Context<()>| {
+            let (effects, running, peak) = state.clone();
+            async move {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(now, Ordering::SeqCst);
+                // A small delay that differs between events (0-6 ms).
+                let delay = (cx.event.id().as_u128() % 7) as u64;
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+                let result = effects.apply(&cx).await;
+                running.fetch_sub(1, Ordering::SeqCst);
+                result
+            }
+        })
+        .concurrency(8)
+        .spawn(source)
+        .unwrap();
+
+    fx.assert_effect_once(group, &events).await;
+    fx.wait_settled(group).await;
+    let report = handle.shutdown().await;
+    assert_eq!(report.handled, events.len() as u64, "{report:?}");
+
+    let mut by_subject: HashMap<String, Vec<i64>> = HashMap::new();
+    for (_, subject, n) in fx.effects(group).await {
+        by_subject.entry(subject).or_default().push(n);
+    }
+    assert_eq!(by_subject.len(), subjects);
+    let in_order: Vec<i64> = (0..per_subject as i64).collect();
+    for (subject, ns) in &by_subject {
+        assert_eq!(ns, &in_order, "{subject} was handled out of order");
+    }
+    assert!(
+        peak.load(Ordering::SeqCst) >= 2,
+        "handlers never overlapped"
+    );
+}
+
+#[tokio::test]
+async fn each_consumer_group_gets_every_event_and_a_group_shares_them() {
+    let fx = Fixture::new().await;
+    let events = events(5, 8);
+
+    // Two groups, one source each: both get everything.
+    let thank_you = Effects::new(&fx);
+    let strategy = Effects::new(&fx);
+    // One group with two sources (two instances of one service).
+    let ledger_a = Effects::new(&fx);
+    let ledger_b = Effects::new(&fx);
+    let ledger = JetStreamSourceConfig::new("ledger").with_batch_size(5);
+    let handles = vec![
+        effect_consumer("volunteer-thank-you", &thank_you)
+            .spawn(
+                fx.source(JetStreamSourceConfig::new("volunteer-thank-you"))
+                    .await,
+            )
+            .unwrap(),
+        effect_consumer("fundraising-strategy", &strategy)
+            .spawn(
+                fx.source(JetStreamSourceConfig::new("fundraising-strategy"))
+                    .await,
+            )
+            .unwrap(),
+        effect_consumer("ledger", &ledger_a)
+            .spawn(fx.source(ledger.clone()).await)
+            .unwrap(),
+        effect_consumer("ledger", &ledger_b)
+            .spawn(fx.source(ledger.clone()).await)
+            .unwrap(),
+    ];
+    // Both ledger instances are waiting for messages before any arrives.
+    eventually(DEADLINE, "both ledger sources to pull", || async {
+        fx.consumer_info("ledger").await.num_waiting >= 2
+    })
+    .await;
+    fx.publish(&events).await;
+
+    for group in ["volunteer-thank-you", "fundraising-strategy", "ledger"] {
+        fx.assert_effect_once(group, &events).await;
+        fx.wait_settled(group).await;
+    }
+    for handle in handles {
+        let report = handle.shutdown().await;
+        assert_eq!(report.parked, 0, "{report:?}");
+    }
+    let total = events.len() as u64;
+    assert_eq!(thank_you.committed(), total);
+    assert_eq!(strategy.committed(), total);
+    let (a, b) = (ledger_a.committed(), ledger_b.committed());
+    assert!(a > 0 && b > 0, "one ledger instance got nothing: {a} / {b}");
+    assert_eq!(a + b, total);
+}
+
+#[tokio::test]
+async fn an_undecodable_message_is_parked_with_its_bytes_and_acked() {
+    let fx = Fixture::new().await;
+    let group = "audit";
+    let good = events(1, 2);
+    fx.publish(&good[..1]).await;
+    // No headers at all: not a CloudEvent.
+    let garbage = b"not a cloudevent \xff".to_vec();
+    fx.ts
+        .js
+        .publish(format!("{}.Garbage", fx.ts.prefix), garbage.clone().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    // A proclaim event's headers, but a body that is not JSON.
+    let stored = fx.ts.messages().await;
+    let mut headers = stored[0].headers.clone().unwrap();
+    headers.insert("Nats-Msg-Id", "broken-body");
+    let broken = b"{oops".to_vec();
+    fx.ts
+        .js
+        .publish_with_headers(stored[0].subject.clone(), headers, broken.clone().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    fx.publish(&good[1..]).await;
+
+    let effects = Effects::new(&fx);
+    let source = fx.source(JetStreamSourceConfig::new(group)).await;
+    let handle = effect_consumer(group, &effects).spawn(source).unwrap();
+
+    fx.assert_effect_once(group, &good).await;
+    let parked = eventually_value(DEADLINE, "two parked messages", || async {
+        let parked = fx.inbox.parked(Some(group), 10).await.unwrap();
+        (parked.len() == 2).then_some(parked)
+    })
+    .await;
+    fx.wait_settled(group).await;
+    let report = handle.shutdown().await;
+
+    assert_eq!((report.parked, report.handled), (2, 2), "{report:?}");
+    assert!(parked.iter().all(|p| p.event.is_none() && p.attempts == 0));
+    assert!(parked.iter().all(|p| p.consumer == group));
+    // Undecodable messages have no ordering key: they may be parked in
+    // either order.
+    let by_raw = |raw: &[u8]| {
+        parked
+            .iter()
+            .find(|p| p.raw == raw)
+            .unwrap_or_else(|| panic!("nothing parked with {raw:?}"))
+    };
+    let reason = &by_raw(&garbage).reason;
+    assert!(
+        reason.starts_with("undecodable message: ") && reason.contains("has no headers"),
+        "{reason}"
+    );
+    let reason = &by_raw(&broken).reason;
+    assert!(
+        reason.starts_with("undecodable message: ") && reason.contains("is not a valid event"),
+        "{reason}"
+    );
+}
+
+#[tokio::test]
+async fn a_deleted_durable_is_created_again_and_the_inbox_absorbs_the_replay() {
+    let fx = Fixture::new().await;
+    let group = "thank-you";
+    let events = events(3, 4);
+    let (first, second) = events.split_at(6);
+    fx.publish(first).await;
+
+    let effects = Effects::new(&fx);
+    let source = fx.source(JetStreamSourceConfig::new(group)).await;
+    let handle = effect_consumer(group, &effects).spawn(source).unwrap();
+    fx.assert_effect_once(group, first).await;
+    fx.wait_settled(group).await;
+
+    let stream = fx.ts.js.get_stream(&fx.ts.name).await.unwrap();
+    stream.delete_consumer(group).await.unwrap();
+    fx.publish(second).await;
+
+    // The new durable delivers the whole stream again: the first events are
+    // duplicates now.
+    fx.assert_effect_once(group, &events).await;
+    eventually(DEADLINE, "the replayed events to be recognised", || async {
+        effects.duplicates() == first.len() as u64
+    })
+    .await;
+    fx.wait_settled(group).await;
+    let report = handle.shutdown().await;
+    assert!(report.receive_errors >= 1, "{report:?}");
+    assert_eq!(effects.committed(), events.len() as u64);
+}
+
+#[tokio::test]
+async fn event_types_select_what_a_group_receives() {
+    let fx = Fixture::new().await;
+    let of = |t: &str, n: u64| {
+        Event::builder(t)
+            .subject("donor-1")
+            .data(&serde_json::json!({ "n": n }))
+            .build()
+            .unwrap()
+    };
+    let all = vec![
+        of("DonorSecured", 0),
+        of("PledgeMade", 1),
+        of("VolunteerJoined", 2),
+        of("DonorSecured", 3),
+    ];
+    fx.publish(&all).await;
+
+    // One type: the server selects it by subject.
+    let one = fx
+        .source(JetStreamSourceConfig::new("donors").with_event_types(["DonorSecured"]))
+        .await;
+    assert_eq!(
+        fx.consumer_info("donors").await.config.filter_subject,
+        format!("{}.DonorSecured", fx.ts.prefix)
+    );
+    // Several types: the source skips the others itself.
+    let two = fx
+        .source(
+            JetStreamSourceConfig::new("money").with_event_types(["DonorSecured", "PledgeMade"]),
+        )
+        .await;
+    assert_eq!(fx.consumer_info("money").await.config.filter_subject, "");
+
+    let effects = Effects::new(&fx);
+    let donors = effect_consumer("donors", &effects).spawn(one).unwrap();
+    let money = effect_consumer("money", &effects).spawn(two).unwrap();
+    let wanted = |types: &[&str]| -> Vec<Event> {
+        all.iter()
+            .filter(|e| types.contains(&e.event_type()))
+            .cloned()
+            .collect()
+    };
+    fx.assert_effect_once("donors", &wanted(&["DonorSecured"]))
+        .await;
+    fx.assert_effect_once("money", &wanted(&["DonorSecured", "PledgeMade"]))
+        .await;
+    fx.wait_settled("donors").await;
+    fx.wait_settled("money").await;
+    let (donors, money) = (donors.shutdown().await, money.shutdown().await);
+    assert_eq!((donors.handled, donors.skipped), (2, 0), "{donors:?}");
+    assert_eq!((money.handled, money.skipped), (3, 0), "{money:?}");
+}
+
+#[tokio::test]
+async fn a_graceful_shutdown_hands_unsettled_messages_back_at_once() {
+    let fx = Fixture::new().await;
+    let group = "slow";
+    let events = events(1, 3);
+    fx.publish(&events).await;
+
+    // The first run fails every attempt and is stopped while it waits 2 s
+    // to retry: the message is nacked with that delay, not left to ack_wait
+    // (1 minute here, beyond the test's deadline).
+    let config = JetStreamSourceConfig::new(group).with_ack_wait(Duration::from_secs(60));
+    let source = fx.source(config.clone()).await;
+    let handle = consumer(group, &fx.inbox)
+        .retry(
+            Backoff::new(Duration::from_secs(2), Duration::from_secs(2)),
+            5,
+        )
+        .on_event("*", |_cx: Context<()>| async {
+            Err(HandlerError::transient("not yet"))
+        })
+        .spawn(source)
+        .unwrap();
+    eventually(DEADLINE, "a failed attempt", || async {
+        handle.report().retried >= 1
+    })
+    .await;
+    let report = handle.shutdown().await;
+    assert!(report.released >= 1, "{report:?}");
+
+    let effects = Effects::new(&fx);
+    let source = fx.source(config).await;
+    let handle = effect_consumer(group, &effects).spawn(source).unwrap();
+    fx.assert_effect_once(group, &events).await;
+    fx.wait_settled(group).await;
+    handle.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_settings_are_rejected_before_connecting() {
+    let nats = NatsConfig::default().with_url("nats://127.0.0.1:1");
+    for config in [
+        JetStreamSourceConfig::new(""),
+        JetStreamSourceConfig::new("thank.you"),
+        JetStreamSourceConfig::new("a b"),
+        JetStreamSourceConfig::new("ok").with_filter_subject("a.>.b"),
+        JetStreamSourceConfig::new("ok").with_ack_wait(Duration::ZERO),
+        JetStreamSourceConfig::new("ok").with_max_ack_pending(0),
+    ] {
+        let err = JetStreamSource::connect(nats.clone(), config.clone())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                JetStreamSourceError::Nats(proclaim_nats::NatsError::Config(_))
+            ),
+            "{config:?}: {err:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_durable_without_explicit_acks_is_refused() {
+    let ts = TestStream::new().await;
+    let stream = ts.js.get_stream(&ts.name).await.unwrap();
+    stream
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some("careless".into()),
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::None,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let err = JetStreamSource::connect(nats_config(&ts), JetStreamSourceConfig::new("careless"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, JetStreamSourceError::Consumer { .. }),
+        "{err:?}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.starts_with(&format!(
+            "cannot use durable consumer careless of JetStream stream {}",
+            ts.name
+        )) && text.contains("explicit acks"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_slow_handler_is_kept_in_progress_instead_of_redelivered() {
+    let fx = Fixture::new().await;
+    let group = "slow-but-steady";
+    let events = events(1, 2);
+    fx.publish(&events).await;
+
+    // Each handling takes twice ack_wait, and the second message waits that
+    // long in the queue; the source tells the server both are in progress,
+    // so neither is delivered again.
+    let effects = Effects::new(&fx);
+    let redelivered = Arc::new(AtomicU64::new(0));
+    let state = (effects.clone(), redelivered.clone());
+    let config = JetStreamSourceConfig::new(group).with_ack_wait(Duration::from_secs(1));
+    let source = fx.source(config).await;
+    let handle = consumer(group, &fx.inbox)
+        .on_event("*", move |cx: Context<()>| {
+            let (effects, redelivered) = state.clone();
+            async move {
+                if cx.delivery_attempt != Some(1) {
+                    redelivered.fetch_add(1, Ordering::SeqCst);
+                }
+                tokio::time::sleep(Duration::from_millis(2000)).await;
+                effects.apply(&cx).await
+            }
+        })
+        .concurrency(1)
+        .spawn(source)
+        .unwrap();
+
+    fx.assert_effect_once(group, &events).await;
+    fx.wait_settled(group).await;
+    let report = handle.shutdown().await;
+    assert_eq!(report.handled, events.len() as u64, "{report:?}");
+    assert_eq!(redelivered.load(Ordering::SeqCst), 0);
+    assert_eq!(effects.duplicates(), 0);
+    assert_eq!(fx.consumer_info(group).await.num_redelivered, 0);
+}
+
+#[tokio::test]
+async fn the_source_recovers_when_the_connection_is_lost() {
+    use proclaim_testkit::proxy::{FaultMode, FaultProxy};
+
+    let fx = Fixture::new().await;
+    let group = "resilient";
+    let events = events(3, 4);
+    let (before, during) = events.split_at(6);
+    let broker = nats_url();
+    let proxy = FaultProxy::start(broker.trim_start_matches("nats://"))
+        .await
+        .unwrap();
+    let nats = fx.nats().with_url(format!("nats://{}", proxy.addr()));
+    let config = JetStreamSourceConfig::new(group).with_ack_wait(Duration::from_secs(2));
+    let source = JetStreamSource::connect(nats, config).await.unwrap();
+    let effects = Effects::new(&fx);
+    let handle = effect_consumer(group, &effects).spawn(source).unwrap();
+
+    fx.publish(before).await;
+    fx.assert_effect_once(group, before).await;
+
+    // The server goes away for a moment; events keep arriving in the stream.
+    proxy.set_mode(FaultMode::Refuse);
+    fx.publish(during).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.set_mode(FaultMode::Pass);
+
+    fx.assert_effect_once(group, &events).await;
+    fx.wait_settled(group).await;
+    let report = handle.shutdown().await;
+    assert_eq!(report.parked, 0, "{report:?}");
+}
