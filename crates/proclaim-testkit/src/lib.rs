@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 pub mod conformance;
+pub mod consumer;
 pub mod events;
 pub mod inbox_conformance;
 pub mod mysql;

@@ -3,34 +3,29 @@
 //! write one effect row per event through the inbox's transaction, and the
 //! tests check that every event's effect happened exactly once.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::Info;
 use proclaim_core::consumer::{Consumer, Context, HandlerError};
-use proclaim_core::inbox::{Inbox, InboxTx, ParkedEvents};
+use proclaim_core::inbox::Inbox;
 use proclaim_core::{Backoff, CancellationToken, Event, Publisher};
 use proclaim_nats::{
     JetStreamSource, JetStreamSourceConfig, JetStreamSourceError, NatsConfig, NatsPublisher,
 };
-use proclaim_postgres::{PgInbox, PgInboxOptions, PgInboxTx};
-use proclaim_testkit::events::{keyed, n_of, record};
+use proclaim_postgres::PgInbox;
+use proclaim_testkit::consumer::{Effects, EffectsDb, InFlight, Uuid, WAIT, round_robin};
+use proclaim_testkit::events::{n_of, record};
+use proclaim_testkit::eventually;
 use proclaim_testkit::nats::{TestStream, nats_url};
-use proclaim_testkit::pg::TestSchema;
-use proclaim_testkit::{eventually, eventually_value};
-use uuid::Uuid;
-
-/// Upper bound of every wait (tests normally finish in a few seconds).
-const DEADLINE: Duration = Duration::from_secs(20);
 
 /// A stream, a schema with the inbox tables and an `effects` table, and a
 /// publisher to the stream.
 struct Fixture {
     ts: TestStream,
-    db: TestSchema,
-    inbox: PgInbox,
+    db: EffectsDb,
     publisher: NatsPublisher,
 }
 
@@ -38,32 +33,13 @@ impl Fixture {
     async fn new() -> Self {
         proclaim_testkit::init_tracing();
         let ts = TestStream::new().await;
-        let db = TestSchema::new().await;
-        let inbox = PgInbox::with_options(
-            db.pool.clone(),
-            PgInboxOptions::default().with_schema(&db.name),
-        )
-        .unwrap();
-        inbox.migrate().await.unwrap();
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            r#"CREATE TABLE "{}".effects (
-                   id       BIGSERIAL PRIMARY KEY,
-                   consumer TEXT   NOT NULL,
-                   event_id UUID   NOT NULL,
-                   subject  TEXT   NOT NULL,
-                   n        BIGINT NOT NULL)"#,
-            db.name
-        )))
-        .execute(&db.pool)
-        .await
-        .unwrap();
+        let db = EffectsDb::new().await;
         let publisher = NatsPublisher::connect(nats_config(&ts)).await.unwrap();
-        Fixture {
-            ts,
-            db,
-            inbox,
-            publisher,
-        }
+        Fixture { ts, db, publisher }
+    }
+
+    fn inbox(&self) -> &PgInbox {
+        &self.db.inbox
     }
 
     fn nats(&self) -> NatsConfig {
@@ -108,27 +84,6 @@ impl Fixture {
         stored.len()
     }
 
-    /// Each effect of `consumer`, in the order they were written.
-    async fn effects(&self, consumer: &str) -> Vec<(Uuid, String, i64)> {
-        sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            r#"SELECT event_id, subject, n FROM "{}".effects WHERE consumer = $1 ORDER BY id"#,
-            self.db.name
-        )))
-        .bind(consumer)
-        .fetch_all(&self.db.pool)
-        .await
-        .unwrap()
-    }
-
-    /// How many effects each event has for `consumer`.
-    async fn effect_counts(&self, consumer: &str) -> HashMap<Uuid, usize> {
-        let mut counts = HashMap::new();
-        for (id, _, _) in self.effects(consumer).await {
-            *counts.entry(id).or_default() += 1;
-        }
-        counts
-    }
-
     /// Waits until `consumer` has an effect for each of `events`, then
     /// checks there is exactly one each and none for anything else.
     async fn assert_effect_once(&self, consumer: &str, events: &[Event]) {
@@ -137,12 +92,12 @@ impl Fixture {
             "{consumer} to have an effect for each of {} events",
             want.len()
         );
-        eventually(DEADLINE, &what, || async {
-            let have: HashSet<Uuid> = self.effect_counts(consumer).await.into_keys().collect();
+        eventually(WAIT, &what, || async {
+            let have: HashSet<Uuid> = self.db.effect_counts(consumer).await.into_keys().collect();
             want.is_subset(&have)
         })
         .await;
-        let counts = self.effect_counts(consumer).await;
+        let counts = self.db.effect_counts(consumer).await;
         assert_eq!(
             counts.keys().copied().collect::<HashSet<_>>(),
             want,
@@ -162,7 +117,7 @@ impl Fixture {
     /// acknowledged.
     async fn wait_settled(&self, group: &str) {
         let what = format!("consumer group {group} to have acked everything");
-        eventually(DEADLINE, &what, || async {
+        eventually(WAIT, &what, || async {
             let info = self.consumer_info(group).await;
             info.num_ack_pending == 0 && info.num_pending == 0
         })
@@ -175,18 +130,6 @@ fn nats_config(ts: &TestStream) -> NatsConfig {
         .with_url(nats_url())
         .with_stream(&ts.name)
         .with_subject_prefix(&ts.prefix)
-}
-
-/// `per_subject` events on each of `subjects` subjects, published round
-/// robin: subject `s<i>` gets n = 0, 1, … in order.
-fn events(subjects: usize, per_subject: u64) -> Vec<Event> {
-    let mut out = Vec::new();
-    for n in 0..per_subject {
-        for s in 0..subjects {
-            out.push(keyed(&format!("donor-{s}"), n));
-        }
-    }
-    out
 }
 
 /// Fast retries, so failing attempts do not slow the tests down.
@@ -203,96 +146,22 @@ fn consumer(name: &str, inbox: &PgInbox) -> Consumer {
         .park_into(inbox.clone())
 }
 
-/// The handler's side of the test: the inbox, the effects table, and what
-/// it saw.
-#[derive(Clone)]
-struct Effects {
-    inbox: PgInbox,
-    schema: String,
-    /// Deliveries the inbox recognised as handled before.
-    duplicates: Arc<AtomicU64>,
-    /// Effects this handler committed.
-    committed: Arc<AtomicU64>,
-}
-
-impl Effects {
-    fn new(fx: &Fixture) -> Self {
-        Effects {
-            inbox: fx.inbox.clone(),
-            schema: fx.db.name.clone(),
-            duplicates: Arc::default(),
-            committed: Arc::default(),
-        }
-    }
-
-    /// Begins the inbox transaction; `None` for a duplicate.
-    async fn begin(&self, cx: &Context<()>) -> Result<Option<PgInboxTx>, HandlerError> {
-        let tx = self.inbox.begin(cx.consumer(), &cx.event).await?;
-        if tx.is_none() {
-            self.duplicates.fetch_add(1, Ordering::SeqCst);
-        }
-        Ok(tx)
-    }
-
-    /// Writes the event's effect through the inbox transaction.
-    async fn write(&self, tx: &mut PgInboxTx, cx: &Context<()>) -> Result<(), HandlerError> {
-        let n = i64::try_from(n_of(&cx.event)).unwrap();
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            r#"INSERT INTO "{}".effects (consumer, event_id, subject, n) VALUES ($1, $2, $3, $4)"#,
-            self.schema
-        )))
-        .bind(cx.consumer())
-        .bind(cx.event.id())
-        .bind(cx.event.subject())
-        .bind(n)
-        .execute(&mut **tx)
-        .await
-        .map_err(|e| HandlerError::transient("cannot write the effect").with_source(e))?;
-        Ok(())
-    }
-
-    /// The whole handling: inbox, effect, commit.
-    async fn apply(&self, cx: &Context<()>) -> Result<(), HandlerError> {
-        let Some(mut tx) = self.begin(cx).await? else {
-            return Ok(());
-        };
-        self.write(&mut tx, cx).await?;
-        tx.commit().await?;
-        self.committed.fetch_add(1, Ordering::SeqCst);
-        Ok(())
-    }
-
-    fn duplicates(&self) -> u64 {
-        self.duplicates.load(Ordering::SeqCst)
-    }
-
-    fn committed(&self) -> u64 {
-        self.committed.load(Ordering::SeqCst)
-    }
-}
-
 /// A consumer named `group` whose handler applies each event's effect once.
 fn effect_consumer(group: &str, effects: &Effects) -> Consumer {
-    let handler = effects.clone();
-    consumer(group, &effects.inbox).on_event("*", move |cx: Context<()>| {
-        let effects = handler.clone();
-        async move { effects.apply(&cx).await }
-    })
+    effects.on(consumer(group, &effects.inbox), "*")
 }
 
 #[tokio::test]
 async fn injected_duplicates_have_their_effect_once() {
     let fx = Fixture::new().await;
     let group = "volunteer-thank-you";
-    let events = events(8, 5);
+    let events = round_robin(8, 5);
     fx.publish(&events).await;
     // The same messages again under other Nats-Msg-Ids: JetStream keeps them.
     assert_eq!(fx.publish_duplicates().await, events.len());
-    fx.ts
-        .wait_for_count(2 * events.len() as u64, DEADLINE)
-        .await;
+    fx.ts.wait_for_count(2 * events.len() as u64, WAIT).await;
 
-    let effects = Effects::new(&fx);
+    let effects = fx.db.handler();
     let source = fx.source(JetStreamSourceConfig::new(group)).await;
     let handle = effect_consumer(group, &effects)
         .concurrency(8)
@@ -301,7 +170,7 @@ async fn injected_duplicates_have_their_effect_once() {
 
     fx.assert_effect_once(group, &events).await;
     let total = 2 * events.len() as u64;
-    eventually(DEADLINE, "every delivery handled", || async {
+    eventually(WAIT, "every delivery handled", || async {
         handle.report().handled == total
     })
     .await;
@@ -313,7 +182,7 @@ async fn injected_duplicates_have_their_effect_once() {
     assert_eq!(report.handled, total);
     assert_eq!((report.parked, report.ack_failures), (0, 0), "{report:?}");
     for event in &events {
-        assert!(fx.inbox.contains(group, event.id()).await.unwrap());
+        assert!(fx.inbox().contains(group, event.id()).await.unwrap());
     }
     fx.assert_effect_once(group, &events).await;
 }
@@ -322,14 +191,14 @@ async fn injected_duplicates_have_their_effect_once() {
 async fn a_handler_that_fails_mid_transaction_is_retried_and_has_its_effect_once() {
     let fx = Fixture::new().await;
     let group = "fundraising-strategy";
-    let events = events(6, 4);
+    let events = round_robin(6, 4);
     fx.publish(&events).await;
 
-    let effects = Effects::new(&fx);
+    let effects = fx.db.handler();
     let failed = Arc::new(AtomicU64::new(0));
     let handler = (effects.clone(), failed.clone());
     let source = fx.source(JetStreamSourceConfig::new(group)).await;
-    let handle = consumer(group, &fx.inbox)
+    let handle = consumer(group, fx.inbox())
         .on_event("*", move |cx: Context<()>| {
             let (effects, failed) = handler.clone();
             async move {
@@ -347,8 +216,7 @@ async fn a_handler_that_fails_mid_transaction_is_retried_and_has_its_effect_once
                     }
                     return Err(HandlerError::transient("lost the connection"));
                 }
-                tx.commit().await?;
-                Ok(())
+                effects.commit(tx).await
             }
         })
         .concurrency(4)
@@ -371,11 +239,11 @@ async fn a_handler_that_fails_mid_transaction_is_retried_and_has_its_effect_once
 async fn a_consumer_killed_between_commit_and_ack_gets_the_message_again_and_skips_it() {
     let fx = Fixture::new().await;
     let group = "receipts";
-    let events = events(2, 5);
+    let events = round_robin(2, 5);
     let victim = events[4].id(); // donor-0, n = 2
     fx.publish(&events).await;
 
-    let effects = Effects::new(&fx);
+    let effects = fx.db.handler();
     let committed = Arc::new(tokio::sync::Notify::new());
     let victim_deliveries = Arc::new(AtomicU32::new(0));
     let build = || {
@@ -384,7 +252,7 @@ async fn a_consumer_killed_between_commit_and_ack_gets_the_message_again_and_ski
             committed.clone(),
             victim_deliveries.clone(),
         );
-        consumer(group, &fx.inbox).on_event("*", move |cx: Context<()>| {
+        consumer(group, fx.inbox()).on_event("*", move |cx: Context<()>| {
             let (effects, committed, victim_deliveries) = state.clone();
             async move {
                 effects.apply(&cx).await?;
@@ -408,7 +276,7 @@ async fn a_consumer_killed_between_commit_and_ack_gets_the_message_again_and_ski
     committed.notified().await;
     running.abort();
     assert!(running.await.unwrap_err().is_cancelled());
-    assert_eq!(fx.effect_counts(group).await.get(&victim), Some(&1));
+    assert_eq!(fx.db.effect_counts(group).await.get(&victim), Some(&1));
     assert!(fx.consumer_info(group).await.num_ack_pending >= 1);
 
     // The restarted consumer gets the victim again (after ack_wait); the
@@ -432,26 +300,25 @@ async fn events_of_one_subject_are_handled_in_publish_order_under_concurrency() 
     let fx = Fixture::new().await;
     let group = "ledger";
     let (subjects, per_subject) = (12, 8);
-    let events = events(subjects, per_subject);
+    let events = round_robin(subjects, per_subject);
     fx.publish(&events).await;
 
-    let effects = Effects::new(&fx);
-    let running = Arc::new(AtomicUsize::new(0));
-    let peak = Arc::new(AtomicUsize::new(0));
-    let state = (effects.clone(), running.clone(), peak.clone());
+    let effects = fx.db.handler();
+    let in_flight = InFlight::default();
+    let state = (effects.clone(), in_flight.clone());
     let source = fx.source(JetStreamSourceConfig::new(group)).await;
-    let handle = consumer(group, &fx.inbox)
+    let handle = consumer(group, fx.inbox())
         .on_event("*", move |cx: Context<()>| {
-            let (effects, running, peak) = state.clone();
+            let (effects, in_flight) = state.clone();
             async move {
-                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
-                peak.fetch_max(now, Ordering::SeqCst);
-                // A small delay that differs between events (0-6 ms).
-                let delay = (cx.event.id().as_u128() % 7) as u64;
-                tokio::time::sleep(Duration::from_millis(delay)).await;
-                let result = effects.apply(&cx).await;
-                running.fetch_sub(1, Ordering::SeqCst);
-                result
+                in_flight
+                    .track(async {
+                        // A small delay that differs between events (0-6 ms).
+                        let delay = (cx.event.id().as_u128() % 7) as u64;
+                        tokio::time::sleep(Duration::from_millis(delay)).await;
+                        effects.apply(&cx).await.map(|_| ())
+                    })
+                    .await
             }
         })
         .concurrency(8)
@@ -463,32 +330,23 @@ async fn events_of_one_subject_are_handled_in_publish_order_under_concurrency() 
     let report = handle.shutdown().await;
     assert_eq!(report.handled, events.len() as u64, "{report:?}");
 
-    let mut by_subject: HashMap<String, Vec<i64>> = HashMap::new();
-    for (_, subject, n) in fx.effects(group).await {
-        by_subject.entry(subject).or_default().push(n);
-    }
-    assert_eq!(by_subject.len(), subjects);
-    let in_order: Vec<i64> = (0..per_subject as i64).collect();
-    for (subject, ns) in &by_subject {
-        assert_eq!(ns, &in_order, "{subject} was handled out of order");
-    }
-    assert!(
-        peak.load(Ordering::SeqCst) >= 2,
-        "handlers never overlapped"
-    );
+    fx.db
+        .assert_order_per_subject(group, subjects, per_subject)
+        .await;
+    assert!(in_flight.peak() >= 2, "handlers never overlapped");
 }
 
 #[tokio::test]
 async fn each_consumer_group_gets_every_event_and_a_group_shares_them() {
     let fx = Fixture::new().await;
-    let events = events(5, 8);
+    let events = round_robin(5, 8);
 
     // Two groups, one source each: both get everything.
-    let thank_you = Effects::new(&fx);
-    let strategy = Effects::new(&fx);
+    let thank_you = fx.db.handler();
+    let strategy = fx.db.handler();
     // One group with two sources (two instances of one service).
-    let ledger_a = Effects::new(&fx);
-    let ledger_b = Effects::new(&fx);
+    let ledger_a = fx.db.handler();
+    let ledger_b = fx.db.handler();
     let ledger = JetStreamSourceConfig::new("ledger").with_batch_size(5);
     let handles = vec![
         effect_consumer("volunteer-thank-you", &thank_you)
@@ -511,7 +369,7 @@ async fn each_consumer_group_gets_every_event_and_a_group_shares_them() {
             .unwrap(),
     ];
     // Both ledger instances are waiting for messages before any arrives.
-    eventually(DEADLINE, "both ledger sources to pull", || async {
+    eventually(WAIT, "both ledger sources to pull", || async {
         fx.consumer_info("ledger").await.num_waiting >= 2
     })
     .await;
@@ -537,7 +395,7 @@ async fn each_consumer_group_gets_every_event_and_a_group_shares_them() {
 async fn an_undecodable_message_is_parked_with_its_bytes_and_acked() {
     let fx = Fixture::new().await;
     let group = "audit";
-    let good = events(1, 2);
+    let good = round_robin(1, 2);
     fx.publish(&good[..1]).await;
     // No headers at all: not a CloudEvent.
     let garbage = b"not a cloudevent \xff".to_vec();
@@ -562,16 +420,13 @@ async fn an_undecodable_message_is_parked_with_its_bytes_and_acked() {
         .unwrap();
     fx.publish(&good[1..]).await;
 
-    let effects = Effects::new(&fx);
+    let effects = fx.db.handler();
     let source = fx.source(JetStreamSourceConfig::new(group)).await;
     let handle = effect_consumer(group, &effects).spawn(source).unwrap();
 
     fx.assert_effect_once(group, &good).await;
-    let parked = eventually_value(DEADLINE, "two parked messages", || async {
-        let parked = fx.inbox.parked(Some(group), 10).await.unwrap();
-        (parked.len() == 2).then_some(parked)
-    })
-    .await;
+    let parked = fx.db.wait_parked(group, 2).await;
+    assert_eq!(parked.len(), 2, "{parked:?}");
     fx.wait_settled(group).await;
     let report = handle.shutdown().await;
 
@@ -602,11 +457,11 @@ async fn an_undecodable_message_is_parked_with_its_bytes_and_acked() {
 async fn a_deleted_durable_is_created_again_and_the_inbox_absorbs_the_replay() {
     let fx = Fixture::new().await;
     let group = "thank-you";
-    let events = events(3, 4);
+    let events = round_robin(3, 4);
     let (first, second) = events.split_at(6);
     fx.publish(first).await;
 
-    let effects = Effects::new(&fx);
+    let effects = fx.db.handler();
     let source = fx.source(JetStreamSourceConfig::new(group)).await;
     let handle = effect_consumer(group, &effects).spawn(source).unwrap();
     fx.assert_effect_once(group, first).await;
@@ -619,7 +474,7 @@ async fn a_deleted_durable_is_created_again_and_the_inbox_absorbs_the_replay() {
     // The new durable delivers the whole stream again: the first events are
     // duplicates now.
     fx.assert_effect_once(group, &events).await;
-    eventually(DEADLINE, "the replayed events to be recognised", || async {
+    eventually(WAIT, "the replayed events to be recognised", || async {
         effects.duplicates() == first.len() as u64
     })
     .await;
@@ -663,7 +518,7 @@ async fn event_types_select_what_a_group_receives() {
         .await;
     assert_eq!(fx.consumer_info("money").await.config.filter_subject, "");
 
-    let effects = Effects::new(&fx);
+    let effects = fx.db.handler();
     let donors = effect_consumer("donors", &effects).spawn(one).unwrap();
     let money = effect_consumer("money", &effects).spawn(two).unwrap();
     let wanted = |types: &[&str]| -> Vec<Event> {
@@ -687,7 +542,7 @@ async fn event_types_select_what_a_group_receives() {
 async fn a_graceful_shutdown_hands_unsettled_messages_back_at_once() {
     let fx = Fixture::new().await;
     let group = "slow";
-    let events = events(1, 3);
+    let events = round_robin(1, 3);
     fx.publish(&events).await;
 
     // The first run fails every attempt and is stopped while it waits 2 s
@@ -695,7 +550,7 @@ async fn a_graceful_shutdown_hands_unsettled_messages_back_at_once() {
     // (1 minute here, beyond the test's deadline).
     let config = JetStreamSourceConfig::new(group).with_ack_wait(Duration::from_secs(60));
     let source = fx.source(config.clone()).await;
-    let handle = consumer(group, &fx.inbox)
+    let handle = consumer(group, fx.inbox())
         .retry(
             Backoff::new(Duration::from_secs(2), Duration::from_secs(2)),
             5,
@@ -705,14 +560,14 @@ async fn a_graceful_shutdown_hands_unsettled_messages_back_at_once() {
         })
         .spawn(source)
         .unwrap();
-    eventually(DEADLINE, "a failed attempt", || async {
+    eventually(WAIT, "a failed attempt", || async {
         handle.report().retried >= 1
     })
     .await;
     let report = handle.shutdown().await;
     assert!(report.released >= 1, "{report:?}");
 
-    let effects = Effects::new(&fx);
+    let effects = fx.db.handler();
     let source = fx.source(config).await;
     let handle = effect_consumer(group, &effects).spawn(source).unwrap();
     fx.assert_effect_once(group, &events).await;
@@ -777,18 +632,18 @@ async fn a_durable_without_explicit_acks_is_refused() {
 async fn a_slow_handler_is_kept_in_progress_instead_of_redelivered() {
     let fx = Fixture::new().await;
     let group = "slow-but-steady";
-    let events = events(1, 2);
+    let events = round_robin(1, 2);
     fx.publish(&events).await;
 
     // Each handling takes twice ack_wait, and the second message waits that
     // long in the queue; the source tells the server both are in progress,
     // so neither is delivered again.
-    let effects = Effects::new(&fx);
+    let effects = fx.db.handler();
     let redelivered = Arc::new(AtomicU64::new(0));
     let state = (effects.clone(), redelivered.clone());
     let config = JetStreamSourceConfig::new(group).with_ack_wait(Duration::from_secs(1));
     let source = fx.source(config).await;
-    let handle = consumer(group, &fx.inbox)
+    let handle = consumer(group, fx.inbox())
         .on_event("*", move |cx: Context<()>| {
             let (effects, redelivered) = state.clone();
             async move {
@@ -796,7 +651,7 @@ async fn a_slow_handler_is_kept_in_progress_instead_of_redelivered() {
                     redelivered.fetch_add(1, Ordering::SeqCst);
                 }
                 tokio::time::sleep(Duration::from_millis(2000)).await;
-                effects.apply(&cx).await
+                effects.apply(&cx).await.map(|_| ())
             }
         })
         .concurrency(1)
@@ -818,7 +673,7 @@ async fn the_source_recovers_when_the_connection_is_lost() {
 
     let fx = Fixture::new().await;
     let group = "resilient";
-    let events = events(3, 4);
+    let events = round_robin(3, 4);
     let (before, during) = events.split_at(6);
     let broker = nats_url();
     let proxy = FaultProxy::start(broker.trim_start_matches("nats://"))
@@ -827,7 +682,7 @@ async fn the_source_recovers_when_the_connection_is_lost() {
     let nats = fx.nats().with_url(format!("nats://{}", proxy.addr()));
     let config = JetStreamSourceConfig::new(group).with_ack_wait(Duration::from_secs(2));
     let source = JetStreamSource::connect(nats, config).await.unwrap();
-    let effects = Effects::new(&fx);
+    let effects = fx.db.handler();
     let handle = effect_consumer(group, &effects).spawn(source).unwrap();
 
     fx.publish(before).await;
