@@ -17,7 +17,8 @@ pub enum Link {
 }
 
 /// One kind of fault. Network faults act on one relay's proxy to the
-/// database or the broker; process faults act on one relay process.
+/// database or the broker, and on the effect consumer's proxy on the same
+/// link; process faults act on one relay process, or on the effect consumer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum FaultKind {
     /// Every chunk held 200 ms each way.
@@ -46,14 +47,21 @@ pub enum FaultKind {
     /// up holding claims another relay has taken over (a long GC pause or a
     /// frozen VM).
     RelayPause,
+    /// The effect consumer's task is aborted (no graceful shutdown: in-flight
+    /// handlings are dropped, nothing is acked or handed back), then started
+    /// again. Every other kill strikes right after a handler committed its
+    /// effect and before the consumer acked the message, so the broker
+    /// delivers an event whose effect is already stored.
+    ConsumerKill,
 }
 
 impl FaultKind {
     /// Every kind, in the order a run injects them first.
-    pub const ALL: [FaultKind; 12] = [
+    pub const ALL: [FaultKind; 13] = [
         FaultKind::DbBlackhole,
         FaultKind::RelayKill,
         FaultKind::BrokerReset,
+        FaultKind::ConsumerKill,
         FaultKind::DbDelay,
         FaultKind::BrokerBlackhole,
         FaultKind::RelayPause,
@@ -80,6 +88,7 @@ impl FaultKind {
             FaultKind::BrokerRefuse => "broker_refuse",
             FaultKind::RelayKill => "relay_kill",
             FaultKind::RelayPause => "relay_pause",
+            FaultKind::ConsumerKill => "consumer_kill",
         }
     }
 
@@ -91,7 +100,7 @@ impl FaultKind {
             BrokerDelay | BrokerBlackhole | BrokerDrop | BrokerReset | BrokerRefuse => {
                 Some(Link::Broker)
             }
-            RelayKill | RelayPause => None,
+            RelayKill | RelayPause | ConsumerKill => None,
         }
     }
 

@@ -1,5 +1,6 @@
 //! The history checker: what writers committed and aborted against what
-//! consumers received.
+//! consumers received ([`History`]), and against the effects a consumer
+//! applied ([`Effects`]).
 //!
 //! The truth about commits comes from the database (the business rows
 //! written in the same transaction as the events), not from the writers'
@@ -156,6 +157,112 @@ impl History {
     }
 }
 
+/// The effects a consumer applied: one row per handling that committed.
+///
+/// The consumer under test applies each event's effect in the same
+/// transaction as its inbox pair, so however often a message is delivered
+/// (redeliveries after a crash between commit and ack, lost acks, relays
+/// publishing again), every committed event has exactly one effect.
+///
+/// ```
+/// use proclaim_chaos::history::{Effects, Written};
+/// use uuid::Uuid;
+///
+/// let a = Written::new(Uuid::now_v7(), "donor-1", 1);
+/// let b = Written::new(Uuid::now_v7(), "donor-1", 2);
+/// let effects = Effects {
+///     committed: vec![a.clone(), b.clone()],
+///     applied: vec![a.id, a.id], // a twice, b never
+///     parked: 0,
+/// };
+/// let verdict = effects.check();
+/// assert_eq!((verdict.effects_duplicated, verdict.effects_missing), (1, 1));
+/// assert!(!verdict.passed());
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct Effects {
+    /// Events whose transaction committed (read back from the database).
+    pub committed: Vec<Written>,
+    /// The event id of every effect row.
+    pub applied: Vec<Uuid>,
+    /// Events the consumer parked (gave up on).
+    pub parked: u64,
+}
+
+/// What the effect check found. Exactly once: no duplicate, nothing missing,
+/// nothing applied that was never committed, nothing parked.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct EffectsVerdict {
+    /// Effect rows (handlings that committed).
+    pub effects_applied: u64,
+    /// Effect rows beyond the first of an event.
+    pub effects_duplicated: u64,
+    /// Committed events without an effect.
+    pub effects_missing: u64,
+    /// Distinct events with an effect that were never committed.
+    pub effects_phantom: u64,
+    /// Events the consumer parked instead of applying them.
+    pub effects_parked: u64,
+    /// A few ids of each anomaly, for the investigation.
+    #[serde(skip)]
+    pub examples: Vec<String>,
+}
+
+impl EffectsVerdict {
+    /// Every committed event's effect applied exactly once, nothing else
+    /// applied, nothing parked.
+    pub fn passed(&self) -> bool {
+        self.effects_duplicated == 0
+            && self.effects_missing == 0
+            && self.effects_phantom == 0
+            && self.effects_parked == 0
+    }
+}
+
+impl Effects {
+    /// Compares what was committed with the effects applied.
+    pub fn check(&self) -> EffectsVerdict {
+        let committed: HashSet<Uuid> = self.committed.iter().map(|w| w.id).collect();
+        let mut count: HashMap<Uuid, u64> = HashMap::with_capacity(self.applied.len());
+        for id in &self.applied {
+            *count.entry(*id).or_default() += 1;
+        }
+        let mut verdict = EffectsVerdict {
+            effects_applied: self.applied.len() as u64,
+            effects_duplicated: (self.applied.len() - count.len()) as u64,
+            effects_parked: self.parked,
+            ..EffectsVerdict::default()
+        };
+        let mut twice: Vec<(&Uuid, &u64)> = count.iter().filter(|(_, n)| **n > 1).collect();
+        twice.sort();
+        for (id, n) in twice.into_iter().take(EXAMPLES) {
+            verdict
+                .examples
+                .push(format!("effect applied {n} times: {id}"));
+        }
+        let mut phantoms: Vec<&Uuid> = count.keys().filter(|id| !committed.contains(id)).collect();
+        verdict.effects_phantom = phantoms.len() as u64;
+        phantoms.sort();
+        for id in phantoms.into_iter().take(EXAMPLES) {
+            verdict
+                .examples
+                .push(format!("effect of an event never committed: {id}"));
+        }
+        for w in &self.committed {
+            if !count.contains_key(&w.id) {
+                verdict.effects_missing += 1;
+                if verdict.effects_missing as usize <= EXAMPLES {
+                    verdict.examples.push(format!(
+                        "effect missing: {} (key {} seq {})",
+                        w.id, w.key, w.seq
+                    ));
+                }
+            }
+        }
+        verdict
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,6 +345,60 @@ mod tests {
         assert!(verdict.passed());
     }
 
+    #[test]
+    fn effects_applied_once_each_pass() {
+        let committed = written(10, 3);
+        let applied = committed.iter().rev().map(|w| w.id).collect();
+        let verdict = Effects {
+            committed,
+            applied,
+            parked: 0,
+        }
+        .check();
+        assert_eq!(verdict.effects_applied, 10);
+        assert!(verdict.passed(), "{verdict:?}");
+        assert!(verdict.examples.is_empty());
+    }
+
+    #[test]
+    fn every_effect_anomaly_is_counted() {
+        let committed = written(5, 2);
+        let c = |i: usize| committed[i].id;
+        let stranger = Uuid::now_v7();
+        // 0 applied three times, 1 twice, 4 never, an unknown event twice.
+        let applied = vec![c(0), c(1), c(0), c(2), c(3), c(1), c(0), stranger, stranger];
+        let verdict = Effects {
+            committed: committed.clone(),
+            applied,
+            parked: 0,
+        }
+        .check();
+        assert_eq!(verdict.effects_applied, 9);
+        assert_eq!(verdict.effects_duplicated, 4);
+        assert_eq!(verdict.effects_missing, 1);
+        assert_eq!(verdict.effects_phantom, 1);
+        assert!(!verdict.passed());
+        let examples = verdict.examples.join("\n");
+        assert!(
+            examples.contains(&format!("applied 3 times: {}", c(0))),
+            "{examples}"
+        );
+        assert!(
+            examples.contains(&format!("missing: {}", c(4))),
+            "{examples}"
+        );
+        assert!(examples.contains(&stranger.to_string()), "{examples}");
+
+        let parked = Effects {
+            applied: committed.iter().map(|w| w.id).collect(),
+            committed,
+            parked: 1,
+        }
+        .check();
+        assert_eq!(parked.effects_parked, 1);
+        assert!(!parked.passed(), "a parked event fails the check");
+    }
+
     proptest! {
         /// Any delivery that keeps each key's first deliveries in order and
         /// drops nothing passes, however keys interleave and whatever is
@@ -273,6 +434,36 @@ mod tests {
             prop_assert!(verdict.passed(), "{:?}", verdict);
             prop_assert_eq!(verdict.delivered_unique, n as u64);
             prop_assert_eq!(verdict.duplicates as usize, received.len() - n);
+        }
+
+        /// Applying some events again and leaving others out is counted
+        /// exactly: duplicates as extra rows, missing as committed events
+        /// without a row.
+        #[test]
+        fn effect_counts_add_up(
+            n in 1usize..100,
+            again in proptest::collection::vec(any::<u16>(), 0..30),
+            skip in proptest::collection::vec(any::<u16>(), 0..10),
+        ) {
+            let committed = written(n, 4);
+            let skipped: HashSet<usize> = skip.iter().map(|s| usize::from(*s) % n).collect();
+            let mut applied: Vec<Uuid> = committed
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !skipped.contains(i))
+                .map(|(_, w)| w.id)
+                .collect();
+            let kept = applied.len();
+            if kept > 0 {
+                for a in &again {
+                    applied.push(applied[usize::from(*a) % kept]);
+                }
+            }
+            let verdict = Effects { committed, applied: applied.clone(), parked: 0 }.check();
+            prop_assert_eq!(verdict.effects_missing as usize, skipped.len());
+            prop_assert_eq!(verdict.effects_duplicated as usize, applied.len() - kept);
+            prop_assert_eq!(verdict.effects_phantom, 0);
+            prop_assert_eq!(verdict.passed(), skipped.is_empty() && applied.len() == kept);
         }
 
         /// Swapping two events of the same key is always caught, and so is

@@ -2,14 +2,21 @@
 //!
 //! - [`proxy`]: a TCP proxy between a relay and PostgreSQL or NATS that
 //!   delays, partitions (black hole), drops, resets and refuses connections.
-//! - [`history`]: the checker. It compares what writers committed and rolled
-//!   back with what consumers received, and counts lost, phantom, duplicated
-//!   and out-of-order events.
+//! - [`history`]: the checkers. One compares what writers committed and
+//!   rolled back with what consumers received, and counts lost, phantom,
+//!   duplicated and out-of-order events; the other compares what was
+//!   committed with the effects a consumer applied, and counts effects
+//!   duplicated, missing, phantom and parked.
 //! - [`scenario`]: the run behind `proclaim chaos`: writers commit events on
 //!   many keys (some roll back, some rows are malformed), three `proclaim
 //!   relay` processes deliver them to JetStream while [`faults`] are injected
 //!   (network faults on each relay's links, `SIGKILL` and `SIGSTOP` of relay
-//!   processes), a consumer reads the stream, and the checker judges.
+//!   processes), one consumer records the stream as the broker delivers it,
+//!   and an *effect consumer* — proclaim's consumer runtime on a JetStream
+//!   consumer group, with a PostgreSQL inbox — applies each event's effect
+//!   while its own links are faulted and it is killed abruptly, sometimes
+//!   between a commit and its ack. Then the checkers judge: every committed
+//!   event delivered, in order per key, and its effect applied exactly once.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), proclaim_chaos::ChaosError> {
@@ -24,11 +31,13 @@
 //! config.duration = Duration::from_secs(60);
 //! let report = run(config).await?;
 //! assert!(report.passed, "{:?}", report.problems);
+//! assert_eq!(report.effects.effects_duplicated, 0);
 //! # Ok(())
 //! # }
 //! ```
 
 mod consumer;
+mod effects;
 pub mod faults;
 pub mod history;
 pub mod proxy;

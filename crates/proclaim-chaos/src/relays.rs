@@ -153,11 +153,14 @@ fn open_log(path: &Path) -> Result<std::fs::File, ChaosError> {
         .map_err(|e| ChaosError::Relay(format!("cannot open {}: {e}", path.display())))
 }
 
-/// Injects one fault into one relay and heals it after `hold`.
+/// Injects one fault into one relay and heals it after `hold`. A network
+/// fault also strikes `also` (the effect consumer's proxy on the same link),
+/// at the same moments.
 pub(crate) async fn inject(
     relay: &mut RelayProcess,
     kind: FaultKind,
     hold: Duration,
+    also: Option<&FaultProxy>,
 ) -> Result<(), ChaosError> {
     let proxy = match kind.link() {
         Some(Link::Db) => Some(&relay.db),
@@ -176,22 +179,33 @@ pub(crate) async fn inject(
             tokio::time::sleep(hold).await;
             relay.set_paused(false);
         }
-        (
-            FaultKind::DbDrop | FaultKind::BrokerDrop | FaultKind::DbReset | FaultKind::BrokerReset,
-            Some(proxy),
-        ) => {
+        (_, Some(proxy)) => {
+            let proxies: Vec<&FaultProxy> = std::iter::once(proxy).chain(also).collect();
+            network_fault(&proxies, kind, hold).await;
+        }
+        (_, None) => {}
+    }
+    Ok(())
+}
+
+/// A network fault on `proxies`, healed after `hold`.
+async fn network_fault(proxies: &[&FaultProxy], kind: FaultKind, hold: Duration) {
+    match kind {
+        FaultKind::DbDrop | FaultKind::BrokerDrop | FaultKind::DbReset | FaultKind::BrokerReset => {
             let clean = matches!(kind, FaultKind::DbDrop | FaultKind::BrokerDrop);
             // Cut twice: the live connections, then the ones made since.
             for _ in 0..2 {
-                if clean {
-                    proxy.drop_all();
-                } else {
-                    proxy.reset_all();
+                for proxy in proxies {
+                    if clean {
+                        proxy.drop_all();
+                    } else {
+                        proxy.reset_all();
+                    }
                 }
                 tokio::time::sleep(hold / 2).await;
             }
         }
-        (_, Some(proxy)) => {
+        _ => {
             let mode = match kind {
                 FaultKind::DbDelay | FaultKind::BrokerDelay => {
                     FaultMode::Delay(Duration::from_millis(200))
@@ -199,13 +213,15 @@ pub(crate) async fn inject(
                 FaultKind::DbBlackhole | FaultKind::BrokerBlackhole => FaultMode::Blackhole,
                 _ => FaultMode::Refuse,
             };
-            proxy.set_mode(mode);
+            for proxy in proxies {
+                proxy.set_mode(mode);
+            }
             tokio::time::sleep(hold).await;
-            proxy.set_mode(FaultMode::Pass);
+            for proxy in proxies {
+                proxy.set_mode(FaultMode::Pass);
+            }
         }
-        (_, None) => {}
     }
-    Ok(())
 }
 
 /// Starts the relay processes, each behind its own proxies.
@@ -279,7 +295,7 @@ connect_timeout = "2s"
     )
 }
 
-async fn proxy_to(url: &url::Url, default_port: u16) -> Result<FaultProxy, ChaosError> {
+pub(crate) async fn proxy_to(url: &url::Url, default_port: u16) -> Result<FaultProxy, ChaosError> {
     let host = url.host_str().filter(|h| !h.is_empty()).ok_or_else(|| {
         ChaosError::Config(format!(
             "{url} has no host (a socket path cannot be proxied)"
@@ -292,7 +308,7 @@ async fn proxy_to(url: &url::Url, default_port: u16) -> Result<FaultProxy, Chaos
 }
 
 /// `url` with its host and port replaced by the proxy's.
-fn through(url: &url::Url, proxy: &FaultProxy) -> Result<String, ChaosError> {
+pub(crate) fn through(url: &url::Url, proxy: &FaultProxy) -> Result<String, ChaosError> {
     let original = url;
     let mut url = url.clone();
     let bad = |_| ChaosError::Config(format!("cannot point {original} at a proxy"));

@@ -1,4 +1,6 @@
-//! The chaos run: writers, relays under faults, a consumer, then the checker.
+//! The chaos run: writers, relays under faults, two consumers (one recording
+//! what the broker delivers, one applying effects through an inbox), then the
+//! checkers.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
@@ -16,8 +18,9 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::ChaosError;
+use crate::effects::EffectConsumer;
 use crate::faults::{FaultKind, Schedule};
-use crate::history::{History, Verdict};
+use crate::history::{Effects, EffectsVerdict, History, Verdict};
 use crate::proxy::FaultMode;
 use crate::relays::RelayProcess;
 use crate::writers::WriterLog;
@@ -48,7 +51,8 @@ pub struct ChaosConfig {
     /// A malformed outbox row is written this often (default 5 s); each must
     /// end up dead-lettered without holding up its key.
     pub poison_every: Option<Duration>,
-    /// The faults to inject, in order, round after round.
+    /// The faults to inject, in order, round after round (default: every
+    /// kind, [`FaultKind::ALL`]).
     pub faults: Vec<FaultKind>,
     /// How long a fault lasts (a pause lasts 1.5 leases).
     pub fault_hold: Duration,
@@ -56,7 +60,12 @@ pub struct ChaosConfig {
     pub fault_gap: Duration,
     /// The relays' lease (short, so failover happens within the run).
     pub lease: Duration,
-    /// How long to wait after the writers stop for every event to arrive.
+    /// How long to wait after the writers stop for every event to arrive
+    /// (default 120 s); then as long as the effect consumer makes progress,
+    /// for at most this long without progress and at most this or the run's
+    /// duration (whichever is longer) in all, for every effect to be applied.
+    /// The effect consumer lags behind after faults on its own links, more so
+    /// the longer the run.
     pub drain_timeout: Duration,
     /// Let JetStream drop re-published events by their id (default true).
     /// Off, every re-publish after a fault reaches the consumer as a
@@ -115,7 +124,7 @@ impl ChaosConfig {
     }
 }
 
-/// The outcome: the checker's counts first (the fields of the one JSON line
+/// The outcome: the checkers' counts first (the fields of the one JSON line
 /// `proclaim chaos` prints), then what was injected and what the outbox did.
 #[derive(Debug, Clone, Serialize)]
 pub struct ChaosReport {
@@ -123,6 +132,10 @@ pub struct ChaosReport {
     /// delivered_unique, lost, phantom, order_violations, duplicates).
     #[serde(flatten)]
     pub verdict: Verdict,
+    /// What the effect check found (effects_applied, effects_duplicated,
+    /// effects_missing, effects_phantom, effects_parked).
+    #[serde(flatten)]
+    pub effects: EffectsVerdict,
     /// Faults injected, all kinds.
     pub faults_injected: u64,
     /// Faults injected per kind.
@@ -139,6 +152,16 @@ pub struct ChaosReport {
     pub relay_unexpected_exits: u64,
     /// Relays that did not exit 0 within the grace period on SIGTERM at the end.
     pub relay_unclean_stops: u64,
+    /// Times the effect consumer was killed (`consumer_kill`).
+    pub consumer_kills: u64,
+    /// Kills that struck right after a handler committed its effect, before
+    /// the message was acked.
+    pub consumer_crashes_after_commit: u64,
+    /// Deliveries the effect consumer's inbox recognised as already handled
+    /// and skipped (redeliveries after kills, lost acks, re-publishes).
+    pub consumer_duplicates_skipped: u64,
+    /// Times the effect consumer stopped by itself (should be 0).
+    pub consumer_unexpected_exits: u64,
     /// Outbox rows when the faults started, at most during the run, at the end.
     pub outbox_rows_start: u64,
     /// See `outbox_rows_start`.
@@ -155,6 +178,10 @@ pub struct ChaosReport {
     pub duration_s: f64,
     /// Seconds from the writers' stop until everything was delivered.
     pub drain_s: f64,
+    /// Seconds from the writers' stop until every effect was applied and
+    /// the effect consumer had acked everything (it lags behind the relays
+    /// after faults on its own links).
+    pub effects_drain_s: f64,
     /// The seed (rerun with `--seed` to get the same writes and victims).
     pub seed: u64,
     /// Every check held.
@@ -232,6 +259,8 @@ async fn run_in(
         received.clone(),
         stop_consumer.clone(),
     ));
+    let mut effects = EffectConsumer::new(config, res).await?;
+    effects.start()?;
     let mut relays = crate::relays::start_relays(config, res).await?;
     let rows = RowCounter::new(pool, &res.schema);
     let outbox_rows_start = rows.count().await?;
@@ -252,7 +281,7 @@ async fn run_in(
         .collect();
     let sampler = tokio::spawn(rows.clone().sample(outbox_rows_start, stop_writers.clone()));
     let started = Instant::now();
-    let mut faults = inject_faults(config, &mut relays).await?;
+    let mut faults = inject_faults(config, &mut relays, &mut effects).await?;
     stop_writers.cancel();
     let duration_s = started.elapsed().as_secs_f64();
     let mut logs = WriterLog::default();
@@ -264,21 +293,33 @@ async fn run_in(
     }
     let outbox_rows_max = sampler.await.unwrap_or(outbox_rows_start);
 
-    // Heal: every link passes, every relay runs; wait until everything
-    // committed has arrived, then stop the relays gracefully.
+    // Heal: every link passes, every relay and the effect consumer run; wait
+    // until everything committed has arrived and has its effect, then stop
+    // the relays gracefully.
     for relay in &mut relays {
         relay.db.set_mode(FaultMode::Pass);
         relay.broker.set_mode(FaultMode::Pass);
         relay.set_paused(false);
         relay.start()?;
     }
-    let drain_started = Instant::now();
-    let drained = drain(config, res, &outbox, &received).await?;
-    let drain_s = drain_started.elapsed().as_secs_f64();
-    if !drained {
-        faults
-            .problems
-            .push(format!("not drained within {:?}", config.drain_timeout));
+    effects.heal();
+    effects.start()?;
+    let drained = drain(
+        config,
+        res,
+        &outbox,
+        &received,
+        &mut effects,
+        js,
+        &mut faults,
+    )
+    .await?;
+    let lacking = drained.lacking;
+    if let Some(lacking) = &lacking {
+        faults.problems.push(format!(
+            "not drained after {:?}: {lacking}",
+            drained.applied
+        ));
     }
     let mut unclean_stops = 0;
     for relay in &mut relays {
@@ -297,12 +338,26 @@ async fn run_in(
     if let Ok(Err(e)) = consumer.await {
         faults.problems.push(format!("consumer: {e}"));
     }
+    let effects_stopped = effects.stop(Duration::from_secs(30)).await;
+    if !effects_stopped {
+        faults
+            .problems
+            .push("the effect consumer did not shut down within 30s".to_owned());
+    }
 
-    // The truth and the check.
+    // The truth and the checks.
+    let committed = crate::writers::read_ledger(pool, &res.schema)
+        .await
+        .map_err(|e| ChaosError::Database(e.to_string()))?;
+    let (applied, parked) = crate::effects::applied(pool, &res.schema).await?;
+    let effect_verdict = Effects {
+        committed: committed.clone(),
+        applied,
+        parked,
+    }
+    .check();
     let history = History {
-        committed: crate::writers::read_ledger(pool, &res.schema)
-            .await
-            .map_err(|e| ChaosError::Database(e.to_string()))?,
+        committed,
         aborted: std::mem::take(&mut logs.aborted),
         received: std::mem::take(&mut *lock(&received)),
     };
@@ -310,21 +365,31 @@ async fn run_in(
         .dead_letters(u32::MAX)
         .await
         .map_err(|e| ChaosError::Database(e.to_string()))?;
-    let mut report = judge(config, &history, &logs, &dead, faults);
+    let mut report = judge(config, &history, effect_verdict, &logs, &dead, faults);
     report.relay_restarts = relays.iter().map(|r| r.restarts).sum();
     report.relay_unclean_stops = unclean_stops;
+    report.consumer_kills = effects.kills;
+    report.consumer_crashes_after_commit = effects.crashes_after_commit();
+    report.consumer_duplicates_skipped = effects.redeliveries_skipped();
+    report.consumer_unexpected_exits = effects.unexpected_exits;
     report.outbox_rows_start = outbox_rows_start;
     report.outbox_rows_max = outbox_rows_max;
     report.outbox_rows_end = rows.count().await?;
     report.outbox_bytes_start = outbox_bytes_start;
     report.outbox_bytes_end = rows.bytes().await?;
     report.duration_s = round2(duration_s);
-    report.drain_s = round2(drain_s);
-    report.passed = report.passed && drained && unclean_stops == 0;
+    report.drain_s = round2(drained.delivered.as_secs_f64());
+    report.effects_drain_s = round2(drained.applied.as_secs_f64());
+    report.passed = report.passed
+        && lacking.is_none()
+        && unclean_stops == 0
+        && effects_stopped
+        && effects.unexpected_exits == 0;
     Ok(report)
 }
 
-/// The run's outbox table, its business table and its stream.
+/// The run's outbox table, its business table, the effect consumer's tables
+/// and its stream.
 async fn prepare(
     config: &ChaosConfig,
     res: &Resources,
@@ -345,6 +410,7 @@ async fn prepare(
     .execute(pool)
     .await
     .map_err(|e| db(&e))?;
+    crate::effects::prepare(pool, &res.schema).await?;
     js.create_stream(stream::Config {
         name: res.stream.clone(),
         subjects: vec![format!("{}.>", res.prefix)],
@@ -371,25 +437,41 @@ struct FaultLog {
     problems: Vec<String>,
 }
 
-/// Injects faults one after another, each into a random relay, until the
-/// run's duration is over.
+/// Injects faults one after another until the run's duration is over: each
+/// network fault into a random relay's link (in the first round and every
+/// other round after it, into the effect consumer's link of the same kind
+/// too: it catches up in the rounds between), each relay fault into a random
+/// relay, each consumer kill into the effect consumer.
 async fn inject_faults(
     config: &ChaosConfig,
     relays: &mut [RelayProcess],
+    effects: &mut EffectConsumer,
 ) -> Result<FaultLog, ChaosError> {
     let started = Instant::now();
     let mut rng = fastrand::Rng::with_seed(config.seed ^ 0x5eed);
     let mut schedule = Schedule::new(config.faults.clone());
     let mut log = FaultLog::default();
+    let mut injected = 0usize;
     while started.elapsed() < config.duration && !config.stop.is_cancelled() {
         let Some(kind) = schedule.next_fault() else {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
+        let round = injected / config.faults.len().max(1);
+        injected += 1;
         let victim = rng.usize(..relays.len());
         let hold = kind.hold(config.fault_hold, config.lease);
-        tracing::info!(fault = %kind, relay = victim, ?hold, "injecting");
-        crate::relays::inject(&mut relays[victim], kind, hold).await?;
+        if kind == FaultKind::ConsumerKill {
+            tracing::info!(fault = %kind, ?hold, "injecting into the effect consumer");
+            effects.kill_and_restart(hold).await?;
+        } else {
+            let also = kind
+                .link()
+                .filter(|_| round.is_multiple_of(2))
+                .map(|link| effects.proxy(link));
+            tracing::info!(fault = %kind, relay = victim, effect_consumer = also.is_some(), ?hold, "injecting");
+            crate::relays::inject(&mut relays[victim], kind, hold, also).await?;
+        }
         *log.by_kind.entry(kind.name()).or_default() += 1;
         tokio::time::sleep(config.fault_gap).await;
         for relay in relays.iter_mut() {
@@ -399,18 +481,37 @@ async fn inject_faults(
                     .push(format!("{exit}; log: {}", relay.log().display()));
             }
         }
+        if let Some(exit) = effects.reap_unexpected_exit().await? {
+            log.problems.push(exit);
+        }
     }
     Ok(log)
 }
 
-/// Waits until the outbox has nothing left to deliver and the consumer has
-/// as many distinct events as were committed; `false` on timeout.
+/// How the drain went.
+struct Drained {
+    /// Until everything was delivered (or the timeout).
+    delivered: Duration,
+    /// Until every effect was applied and acked (or the timeout).
+    applied: Duration,
+    /// On timeout, what was still lacking.
+    lacking: Option<String>,
+}
+
+/// Waits until the outbox has nothing left to deliver and the recording
+/// consumer has as many distinct events as were committed (at most the drain
+/// timeout), then until every committed event has its effect and the effect
+/// consumer's group has nothing left unacknowledged at the broker (as long
+/// as effects are being applied, see [`ChaosConfig::drain_timeout`]).
 async fn drain(
     config: &ChaosConfig,
     res: &Resources,
     outbox: &PgOutbox,
     received: &Mutex<Vec<Uuid>>,
-) -> Result<bool, ChaosError> {
+    effects: &mut EffectConsumer,
+    js: &jetstream::Context,
+    faults: &mut FaultLog,
+) -> Result<Drained, ChaosError> {
     let db = |e: &dyn std::fmt::Display| ChaosError::Database(e.to_string());
     let committed: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
         r#"SELECT count(*) FROM "{}".ledger"#,
@@ -419,22 +520,75 @@ async fn drain(
     .fetch_one(outbox.pool())
     .await
     .map_err(|e| db(&e))?;
+    let committed = committed.max(0) as u64;
     let started = Instant::now();
-    while started.elapsed() < config.drain_timeout {
-        let stats = outbox.stats().await.map_err(|e| db(&e))?;
-        let have = lock(received).iter().collect::<HashSet<_>>().len();
-        if stats.pending + stats.in_flight == 0 && have as i64 >= committed {
-            return Ok(true);
+    let cap = config.drain_timeout.max(config.duration);
+    let mut delivered = None;
+    let mut lacking = String::from("nothing checked yet");
+    // The fewest effects missing so far, and when that count last fell.
+    let mut progress = (u64::MAX, Instant::now());
+    loop {
+        let waited = match delivered {
+            None => started.elapsed() >= config.drain_timeout,
+            Some(_) => started.elapsed() >= cap || progress.1.elapsed() >= config.drain_timeout,
+        };
+        if waited {
+            break;
+        }
+        if let Some(exit) = effects.reap_unexpected_exit().await? {
+            faults.problems.push(exit);
+        }
+        if delivered.is_none() {
+            let stats = outbox.stats().await.map_err(|e| db(&e))?;
+            let have = lock(received).iter().collect::<HashSet<_>>().len() as u64;
+            if stats.pending + stats.in_flight > 0 {
+                lacking = format!(
+                    "{} outbox rows not delivered",
+                    stats.pending + stats.in_flight
+                );
+            } else if have < committed {
+                lacking = format!("the consumer received {have} of {committed} committed events");
+            } else {
+                delivered = Some(started.elapsed());
+            }
+        }
+        if delivered.is_some() {
+            let missing = crate::effects::missing(outbox.pool(), &res.schema).await?;
+            if missing < progress.0 {
+                progress = (missing, Instant::now());
+            }
+            lacking = if missing > 0 {
+                format!("{missing} of {committed} committed events without an effect")
+            } else {
+                match crate::effects::settled(js, &res.stream).await {
+                    Ok(true) => {
+                        return Ok(Drained {
+                            delivered: delivered.unwrap_or_default(),
+                            applied: started.elapsed(),
+                            lacking: None,
+                        });
+                    }
+                    Ok(false) => {
+                        "the effect consumer's group has messages not yet acknowledged".to_owned()
+                    }
+                    Err(e) => e.to_string(),
+                }
+            };
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    Ok(false)
+    Ok(Drained {
+        delivered: delivered.unwrap_or_else(|| started.elapsed()),
+        applied: started.elapsed(),
+        lacking: Some(lacking),
+    })
 }
 
-/// The report: the checker's verdict, the dead letters, the faults.
+/// The report: the checkers' verdicts, the dead letters, the faults.
 fn judge(
     config: &ChaosConfig,
     history: &History,
+    mut effects: EffectsVerdict,
     logs: &WriterLog,
     dead: &[DeadLetterEntry],
     faults: FaultLog,
@@ -486,7 +640,33 @@ fn judge(
         problems.push("the history check failed".to_owned());
     }
     problems.extend(std::mem::take(&mut verdict.examples));
+    if effects.effects_duplicated > 0 {
+        problems.push(format!(
+            "{} effects applied more than once",
+            effects.effects_duplicated
+        ));
+    }
+    if effects.effects_missing > 0 {
+        problems.push(format!(
+            "{} committed events without an effect",
+            effects.effects_missing
+        ));
+    }
+    if effects.effects_phantom > 0 {
+        problems.push(format!(
+            "{} effects of events never committed",
+            effects.effects_phantom
+        ));
+    }
+    if effects.effects_parked > 0 {
+        problems.push(format!(
+            "{} events parked by the effect consumer",
+            effects.effects_parked
+        ));
+    }
+    problems.extend(std::mem::take(&mut effects.examples));
     let passed = verdict.passed()
+        && effects.passed()
         && verdict.committed > 0
         && missing.is_empty()
         && poison_dead_lettered == poison_injected
@@ -495,6 +675,7 @@ fn judge(
         && logs.errors == 0;
     ChaosReport {
         verdict,
+        effects,
         faults_injected: faults.by_kind.values().sum(),
         faults_by_kind: faults.by_kind,
         poison_injected,
@@ -503,6 +684,10 @@ fn judge(
         relay_restarts: 0,
         relay_unexpected_exits: faults.unexpected_exits,
         relay_unclean_stops: 0,
+        consumer_kills: 0,
+        consumer_crashes_after_commit: 0,
+        consumer_duplicates_skipped: 0,
+        consumer_unexpected_exits: 0,
         outbox_rows_start: 0,
         outbox_rows_max: 0,
         outbox_rows_end: 0,
@@ -510,6 +695,7 @@ fn judge(
         outbox_bytes_end: 0,
         duration_s: 0.0,
         drain_s: 0.0,
+        effects_drain_s: 0.0,
         seed: config.seed,
         passed,
         problems,
@@ -606,11 +792,22 @@ mod tests {
         }
     }
 
+    /// Every committed event's effect, once.
+    fn effects(history: &History) -> EffectsVerdict {
+        Effects {
+            committed: history.committed.clone(),
+            applied: history.committed.iter().map(|w| w.id).collect(),
+            parked: 0,
+        }
+        .check()
+    }
+
     #[test]
     fn the_json_line_starts_with_the_checker_fields_in_order() {
         let report = judge(
             &config(),
             &history(3),
+            effects(&history(3)),
             &WriterLog::default(),
             &[],
             every_fault_once(),
@@ -625,7 +822,20 @@ mod tests {
             "phantom",
             "order_violations",
             "duplicates",
+            "effects_applied",
+            "effects_duplicated",
+            "effects_missing",
+            "effects_phantom",
+            "effects_parked",
             "faults_injected",
+            "relay_unclean_stops",
+            "consumer_kills",
+            "consumer_crashes_after_commit",
+            "consumer_duplicates_skipped",
+            "consumer_unexpected_exits",
+            "outbox_rows_start",
+            "seed",
+            "passed",
         ];
         let mut at = 0;
         for key in expected {
@@ -636,14 +846,28 @@ mod tests {
         }
         assert!(line.contains("\"faults_by_kind\":{"), "{line}");
         assert!(line.starts_with("{\"committed\":3,"), "{line}");
-        assert!(line.contains("\"faults_injected\":12"), "{line}");
+        assert!(line.contains("\"faults_injected\":13"), "{line}");
+        assert!(line.contains("\"consumer_kill\":1"), "{line}");
+        assert!(
+            line.contains(
+                "\"effects_applied\":3,\"effects_duplicated\":0,\"effects_missing\":0,\"effects_phantom\":0,\"effects_parked\":0"
+            ),
+            "{line}"
+        );
     }
 
     #[test]
     fn a_run_fails_on_what_the_checker_cannot_see() {
         let mut missing = every_fault_once();
         missing.by_kind.remove("relay_pause");
-        let report = judge(&config(), &history(3), &WriterLog::default(), &[], missing);
+        let report = judge(
+            &config(),
+            &history(3),
+            effects(&history(3)),
+            &WriterLog::default(),
+            &[],
+            missing,
+        );
         assert!(!report.passed);
         assert!(
             report.problems[0].contains("relay_pause"),
@@ -655,7 +879,14 @@ mod tests {
             poison: vec![Uuid::now_v7()],
             ..WriterLog::default()
         };
-        let report = judge(&config(), &history(3), &poisoned, &[], every_fault_once());
+        let report = judge(
+            &config(),
+            &history(3),
+            effects(&history(3)),
+            &poisoned,
+            &[],
+            every_fault_once(),
+        );
         assert!(!report.passed);
         assert!(
             report.problems[0].contains("0 of 1 malformed rows"),
@@ -666,6 +897,7 @@ mod tests {
         let report = judge(
             &config(),
             &history(0),
+            effects(&history(0)),
             &WriterLog::default(),
             &[],
             every_fault_once(),
@@ -677,6 +909,7 @@ mod tests {
         let report = judge(
             &config(),
             &lossy,
+            effects(&lossy),
             &WriterLog::default(),
             &[],
             every_fault_once(),
@@ -688,5 +921,70 @@ mod tests {
             "{:?}",
             report.problems
         );
+    }
+
+    #[test]
+    fn a_run_fails_when_an_effect_is_duplicated_missing_phantom_or_parked() {
+        let h = history(4);
+        let c = |i: usize| h.committed[i].id;
+        let judged = |applied: Vec<Uuid>, parked: u64| {
+            let effects = Effects {
+                committed: h.committed.clone(),
+                applied,
+                parked,
+            }
+            .check();
+            judge(
+                &config(),
+                &h,
+                effects,
+                &WriterLog::default(),
+                &[],
+                every_fault_once(),
+            )
+        };
+
+        // The history check passes, but event 1's effect was applied twice.
+        let twice = judged(vec![c(0), c(1), c(2), c(3), c(1)], 0);
+        assert!(twice.verdict.passed());
+        assert!(!twice.passed);
+        assert_eq!(twice.effects.effects_duplicated, 1);
+        assert!(
+            twice.problems[0].contains("1 effects applied more than once"),
+            "{:?}",
+            twice.problems
+        );
+        assert!(
+            twice.problems.iter().any(|p| p.contains(&c(1).to_string())),
+            "{:?}",
+            twice.problems
+        );
+        let line = serde_json::to_string(&twice).unwrap();
+        assert!(line.contains("\"effects_duplicated\":1,"), "{line}");
+        assert!(line.contains("\"passed\":false"), "{line}");
+
+        let missing = judged(vec![c(0), c(1), c(2)], 0);
+        assert!(!missing.passed);
+        assert_eq!(missing.effects.effects_missing, 1);
+        assert!(
+            missing.problems[0].contains("1 committed events without an effect"),
+            "{:?}",
+            missing.problems
+        );
+
+        let phantom = judged(vec![c(0), c(1), c(2), c(3), Uuid::now_v7()], 0);
+        assert!(!phantom.passed);
+        assert_eq!(phantom.effects.effects_phantom, 1);
+
+        let parked = judged(vec![c(0), c(1), c(2), c(3)], 2);
+        assert!(!parked.passed);
+        assert!(
+            parked.problems[0].contains("2 events parked"),
+            "{:?}",
+            parked.problems
+        );
+
+        let exactly_once = judged(vec![c(3), c(2), c(1), c(0)], 0);
+        assert!(exactly_once.passed, "{:?}", exactly_once.problems);
     }
 }

@@ -59,7 +59,7 @@ pub(crate) enum Command {
     Replay(ReplayArgs),
     /// The CampaignFinance scenario on the embedded default (SQLite + in-process bus): no services needed.
     Demo(DemoArgs),
-    /// Prove the guarantees under faults: writers, 3 relay processes, injected faults, then a history check; prints one JSON line, exits 1 on any loss, phantom or order violation.
+    /// Prove the guarantees under faults: writers, 3 relay processes, an effect consumer with an inbox, injected faults, then a history and an effect check; prints one JSON line, exits 1 on any loss, phantom or order violation, or any effect duplicated, missing or parked.
     Chaos(ChaosArgs),
 }
 
