@@ -3,13 +3,18 @@
 //! The CampaignFinance service records each donor in `campaign_donors` and a
 //! `DonorSecured` event in the outbox, in ONE transaction. A proclaim relay
 //! delivers the events to NATS JetStream, where the Volunteer Thank-You and
-//! Fundraising Strategy services each read every one of them.
+//! Fundraising Strategy services each read every one of them, as consumer
+//! groups of proclaim's consumer runtime, each writing its effect through
+//! the inbox.
 //!
-//! Then the tragedy: the message bus goes down (a fault proxy between the
+//! Then the tragedies: the message bus goes down (a fault proxy between the
 //! relay and NATS refuses every connection) while donors are recorded. The
 //! donors commit anyway and their events wait in the outbox; when the bus
 //! comes back, every event reaches both services. A donor whose transaction
-//! rolls back is never announced. Stdout tells the story; logs go to stderr.
+//! rolls back is never announced. The thank-you service crashes right after
+//! writing a note, before its ack, and every event is delivered a second
+//! time: still one thank-you note per donor, and a total equal to the
+//! ledger's. Stdout tells the story; logs go to stderr.
 #![allow(clippy::print_stdout)]
 
 mod consumers;
@@ -22,22 +27,24 @@ use anyhow::{Context, bail, ensure};
 use async_nats::connection::State;
 use async_nats::jetstream;
 use clap::Parser;
-use consumers::{Consumer, add_to_total, thank_donor};
+use consumers::{STRATEGY, Service, THANK_YOU, fundraising_total, notes};
 use donors::{DONOR_CAP_CENTS, Donor, SCHEMA, ledger, record_donor, reset_schema, sample_donor};
+use proclaim::consumer::ConsumerReport;
 use proclaim::nats::{NatsConfig, NatsPublisher};
-use proclaim::postgres::{PgOutbox, PgOutboxOptions};
+use proclaim::postgres::{PgInbox, PgInboxOptions, PgOutbox, PgOutboxOptions};
 use proclaim::{Backoff, OutboxStore, Relay, RelayConfig};
 use proclaim_testkit::proxy::{FaultMode, FaultProxy};
 use sqlx::PgPool;
-use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(about = "Donors and DonorSecured events survive a message-bus outage.")]
+#[command(
+    about = "Donors and DonorSecured events survive a message-bus outage, a crash and redelivery."
+)]
 struct Args {
     /// Donors recorded while the message bus is down.
     #[arg(long, env = "DONORS", default_value_t = 200)]
     donors: u32,
-    /// PostgreSQL holding the donors and the outbox.
+    /// PostgreSQL holding the donors, the outbox and the services' tables.
     #[arg(
         long,
         env = "DATABASE_URL",
@@ -71,10 +78,12 @@ async fn main() -> anyhow::Result<()> {
     let js = jetstream::new(nats);
     let outbox =
         PgOutbox::with_options(pool.clone(), PgOutboxOptions::default().with_schema(SCHEMA))?;
+    let inbox = PgInbox::with_options(pool.clone(), PgInboxOptions::default().with_schema(SCHEMA))?;
     reset_schema(&pool, &outbox).await?;
+    consumers::create_tables(&pool, &inbox).await?;
     let _ = js.delete_stream(&args.stream).await; // left over from an earlier run, if any
 
-    let result = story(&args, &pool, &outbox, &js).await;
+    let result = story(&args, &pool, &outbox, &inbox, &js).await;
 
     // Clean up whatever happened: the stream and the schema are ours alone.
     let deleted = js
@@ -95,17 +104,22 @@ async fn story(
     args: &Args,
     pool: &PgPool,
     outbox: &PgOutbox,
+    inbox: &PgInbox,
     js: &jetstream::Context,
 ) -> anyhow::Result<()> {
-    // The relay reaches NATS through a proxy we can switch off; the consumers
+    // The relay reaches NATS through a proxy we can switch off; the services
     // connect directly (the bus itself is fine, only the relay's link breaks).
     let proxy = FaultProxy::start(args.nats_url.trim_start_matches("nats://")).await?;
-    let config = NatsConfig::default()
-        .with_url(format!("nats://127.0.0.1:{}", proxy.port()))
+    let bus = NatsConfig::default()
+        .with_url(&args.nats_url)
         .with_stream(&args.stream)
         .with_subject_prefix("campaign") // events go to campaign.DonorSecured
         .with_create_stream(true);
-    let publisher = NatsPublisher::connect(config).await?;
+    let publisher = NatsPublisher::connect(
+        bus.clone()
+            .with_url(format!("nats://127.0.0.1:{}", proxy.port())),
+    )
+    .await?;
     let relay_link = publisher.client().clone(); // to watch the outage begin
     let ms = Duration::from_millis;
     let relay_config = RelayConfig::default()
@@ -117,24 +131,24 @@ async fn story(
         .with_shutdown_timeout(ms(5_000));
     let relay = Relay::new(outbox.clone(), publisher, relay_config)?.spawn();
 
-    let stream = js.get_stream(&args.stream).await?;
-    let stop = CancellationToken::new();
-    let thank_you =
-        Consumer::start(&stream, "volunteer-thank-you", thank_donor, stop.clone()).await?;
-    let strategy =
-        Consumer::start(&stream, "fundraising-strategy", add_to_total, stop.clone()).await?;
-    let heard_by_both = |count: usize| {
-        let (thank_you, strategy) = (&thank_you, &strategy);
-        async move { thank_you.distinct().await >= count && strategy.distinct().await >= count }
-    };
-
     let n = i64::from(args.donors);
+    let rejected = Donor {
+        id: n + 2,
+        name: "Max Overdrive".into(),
+        amount_cents: DONOR_CAP_CENTS + 250_000,
+    };
+    let late = sample_donor(n + 3); // the donor whose thank-you "crashes"
+    let (crashed_tx, crashed) = tokio::sync::oneshot::channel();
+    let thank_you = Service::start(THANK_YOU, &bus, inbox, Some((late.id, crashed_tx))).await?;
+    let strategy = Service::start(STRATEGY, &bus, inbox, None).await?;
+    let mut reports: Vec<(&str, ConsumerReport)> = Vec::new();
+
     let outcome = async {
         println!("1. Business as usual: CampaignFinance records donor 1.");
         let start = Instant::now();
         record_donor(pool, outbox, &sample_donor(1)).await?;
-        wait_until("both services to hear of donor 1", || heard_by_both(1)).await?;
-        println!("   both services heard of it {:.0?} later", start.elapsed());
+        wait_until("both services to handle donor 1", || heard_by_both(pool, 1)).await?;
+        println!("   both services handled it {:.0?} later", start.elapsed());
         wait_until("the outbox to drain", || drained(outbox)).await?;
 
         println!("2. The message bus goes down; CampaignFinance records {n} more donors.");
@@ -149,11 +163,6 @@ async fn story(
         for id in 2..=n + 1 {
             record_donor(pool, outbox, &sample_donor(id)).await?;
         }
-        let rejected = Donor {
-            id: n + 2,
-            name: "Max Overdrive".into(),
-            amount_cents: DONOR_CAP_CENTS + 250_000,
-        };
         match record_donor(pool, outbox, &rejected).await {
             Ok(()) => bail!("the over-the-cap donor was accepted"),
             Err(e) => println!("   donor {} rolled back: {e}", rejected.id),
@@ -161,25 +170,25 @@ async fn story(
         tokio::time::sleep(Duration::from_secs(1)).await; // give an event every chance to slip out
         let stats = outbox.stats().await?;
         let waiting = stats.pending + stats.in_flight;
-        let delivered = [thank_you.distinct().await, strategy.distinct().await];
+        let handled = [notes(pool).await?.1, fundraising_total(pool).await?.1];
         println!(
             "   donors committed: {}; events waiting in the outbox: {waiting} \
-             ({} pending, {} in flight); delivered since the outage: {:?}",
+             ({} pending, {} in flight); handled since the outage: {:?}",
             ledger(pool).await?.0.len(),
             stats.pending,
             stats.in_flight,
-            delivered.map(|d| d - 1),
+            handled.map(|d| d - 1),
         );
         ensure!(
-            waiting == u64::from(args.donors) && delivered == [1, 1],
+            waiting == u64::from(args.donors) && handled == [1, 1],
             "the outage should hold back every event"
         );
 
         println!("3. The message bus comes back.");
         let back = Instant::now();
         proxy.set_mode(FaultMode::Pass);
-        wait_until("both services to hear of every donor", || {
-            heard_by_both(n as usize + 1)
+        wait_until("both services to handle every donor", || {
+            heard_by_both(pool, n + 1)
         })
         .await?;
         println!(
@@ -187,57 +196,178 @@ async fn story(
             back.elapsed()
         );
         wait_until("the outbox to drain", || drained(outbox)).await?;
-        tokio::time::sleep(Duration::from_millis(500)).await; // let any duplicate show up
-        anyhow::Ok(rejected.id)
+        anyhow::Ok(())
     }
     .await;
+    let outcome = match outcome {
+        Ok(()) => {
+            redelivery(
+                args,
+                pool,
+                outbox,
+                inbox,
+                js,
+                &bus,
+                &late,
+                crashed,
+                thank_you,
+                strategy,
+                &mut reports,
+            )
+            .await
+        }
+        Err(e) => {
+            reports.push((THANK_YOU, thank_you.stop().await));
+            reports.push((STRATEGY, strategy.stop().await));
+            Err(e)
+        }
+    };
 
-    // Whatever happened: bus back, relay stopped gracefully, consumers stopped.
+    // Whatever happened: bus back, relay stopped gracefully.
     proxy.set_mode(FaultMode::Pass);
-    let report = relay.shutdown().await;
-    stop.cancel();
-    let tallies = [
-        (thank_you.name, thank_you.join().await?),
-        (strategy.name, strategy.join().await?),
-    ];
-    let rejected_id = outcome?;
+    let relay_report = relay.shutdown().await;
+    outcome?;
+    summary(pool, relay_report.published, rejected.id, &reports).await
+}
 
-    let (committed, ledger_total) = ledger(pool).await?;
+/// Step 4: the thank-you service crashes after writing a note, before its
+/// ack; then every event in the stream is published once more. Stops both
+/// services and hands back their reports (one per instance).
+#[allow(clippy::too_many_arguments)]
+async fn redelivery(
+    args: &Args,
+    pool: &PgPool,
+    outbox: &PgOutbox,
+    inbox: &PgInbox,
+    js: &jetstream::Context,
+    bus: &NatsConfig,
+    late: &Donor,
+    crashed: tokio::sync::oneshot::Receiver<()>,
+    thank_you: Service,
+    strategy: Service,
+    reports: &mut Vec<(&'static str, ConsumerReport)>,
+) -> anyhow::Result<()> {
     println!(
-        "4. Summary (the relay published {} events):",
-        report.published
+        "4. Donor {} arrives; Volunteer Thank-You crashes right after writing the note, before its ack.",
+        late.id
     );
+    record_donor(pool, outbox, late).await?;
+    tokio::time::timeout(Duration::from_secs(30), crashed)
+        .await
+        .context("timed out waiting for the crash")?
+        .context("the thank-you service stopped before the crash")?;
+    reports.push((THANK_YOU, thank_you.kill().await));
+    let thank_you = Service::start(THANK_YOU, bus, inbox, None).await?;
+    println!("   restarted; JetStream delivers the unacked message again.");
+
+    let stream = js.get_stream(&args.stream).await?;
+    let last = stream.get_info().await?.state.last_sequence;
+    println!(
+        "5. All {last} events are published again, under new message ids (what a relay does when an ack \
+         is lost and JetStream's dedup window has passed)."
+    );
+    for sequence in 1..=last {
+        let message = stream.get_raw_message(sequence).await?;
+        let mut headers = message.headers;
+        let id = headers
+            .get("Nats-Msg-Id")
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default();
+        headers.insert("Nats-Msg-Id", format!("{id}-again").as_str());
+        js.publish_with_headers(message.subject, headers, message.payload)
+            .await?
+            .await?;
+    }
+    let expected = |group: &'static str| {
+        let stream = &stream;
+        async move {
+            stream.consumer_info(group).await.is_ok_and(|info| {
+                info.num_pending == 0
+                    && info.num_ack_pending == 0
+                    && info.delivered.stream_sequence >= 2 * last
+            })
+        }
+    };
+    wait_until("both services to settle every delivery", || async {
+        expected(THANK_YOU).await && expected(STRATEGY).await
+    })
+    .await?;
+    reports.push((THANK_YOU, thank_you.stop().await));
+    reports.push((STRATEGY, strategy.stop().await));
+    Ok(())
+}
+
+/// Step 6: what each service did, checked against the ledger.
+async fn summary(
+    pool: &PgPool,
+    published: u64,
+    rejected_id: i64,
+    reports: &[(&str, ConsumerReport)],
+) -> anyhow::Result<()> {
+    let (committed, ledger_total) = ledger(pool).await?;
+    println!("6. Summary (the relay published {published} events):");
     println!(
         "   donors committed: {}, ${:.2} in total",
         committed.len(),
         dollars(ledger_total)
     );
-    let mut failures = Vec::new();
-    for (name, tally) in tallies {
-        let lost = committed.difference(&tally.donor_ids).count();
-        let heard_rejected = tally.donor_ids.contains(&rejected_id);
-        println!(
-            "   {name}: delivered {}, duplicates {}, lost {lost}, rolled-back donor heard: {heard_rejected}",
-            tally.event_ids.len(),
-            tally.duplicates,
-        );
-        if lost > 0 || heard_rejected {
-            failures.push(name);
-        }
-        if tally.total_cents > 0 {
-            println!("   {name}: ${:.2} raised", dollars(tally.total_cents));
-            ensure!(
-                tally.total_cents == ledger_total,
-                "{name}'s total is not the ledger's"
-            );
-        }
-    }
-    ensure!(
-        failures.is_empty(),
-        "events lost or invented at {failures:?}"
+    let sum = |group: &str| {
+        reports.iter().filter(|(g, _)| *g == group).fold(
+            ConsumerReport::default(),
+            |mut total, (_, r)| {
+                total.handled += r.handled;
+                total.duplicates += r.duplicates;
+                total.parked += r.parked;
+                total
+            },
+        )
+    };
+    let (noted, notes_total) = notes(pool).await?;
+    let thanked: std::collections::HashSet<i64> = noted.iter().copied().collect();
+    let thank_you = sum(THANK_YOU);
+    println!(
+        "   {THANK_YOU}: {} deliveries, {} redeliveries skipped by the inbox, {notes_total} notes for {} donors, rolled-back donor thanked: {}",
+        thank_you.handled,
+        thank_you.duplicates,
+        thanked.len(),
+        thanked.contains(&rejected_id),
     );
-    println!("   Nothing lost, nothing invented.");
+    let (total_cents, counted) = fundraising_total(pool).await?;
+    let strategy = sum(STRATEGY);
+    println!(
+        "   {STRATEGY}: {} deliveries, {} redeliveries skipped by the inbox, ${:.2} raised from {counted} donors",
+        strategy.handled,
+        strategy.duplicates,
+        dollars(total_cents),
+    );
+    let donors = i64::try_from(committed.len())?;
+    ensure!(
+        thanked == committed && notes_total == donors,
+        "{THANK_YOU}: {notes_total} notes for {} donors; the ledger has {donors}",
+        thanked.len()
+    );
+    ensure!(
+        total_cents == ledger_total && counted == donors,
+        "{STRATEGY}'s total is not the ledger's"
+    );
+    ensure!(
+        thank_you.duplicates > committed.len() as u64
+            && strategy.duplicates >= committed.len() as u64,
+        "the redeliveries (and the crashed note's) did not reach the services"
+    );
+    ensure!(
+        thank_you.parked == 0 && strategy.parked == 0,
+        "events were parked"
+    );
+    println!("   One thank-you per donor; nothing lost, nothing invented, nothing counted twice.");
     Ok(())
+}
+
+/// Whether both services have the effect of `count` donors.
+async fn heard_by_both(pool: &PgPool, count: i64) -> bool {
+    let thanked = notes(pool).await.map(|(_, n)| n).unwrap_or(0);
+    let counted = fundraising_total(pool).await.map(|(_, n)| n).unwrap_or(0);
+    thanked >= count && counted >= count
 }
 
 fn dollars(cents: i64) -> f64 {

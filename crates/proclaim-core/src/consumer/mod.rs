@@ -33,7 +33,8 @@
 //! `_retried_total`, `_parked_total` (also labelled `reason`: `permanent`,
 //! `exhausted`, `decode`, `undecodable`), `_skipped_total`,
 //! `_released_total`, `_park_failures_total`, `_ack_failures_total`,
-//! `_receive_errors_total`, and the histogram
+//! `_receive_errors_total`, `_duplicates_total` (redeliveries an
+//! [`on_once`](Consumer::on_once) inbox skipped), and the histogram
 //! `proclaim_consumer_handle_seconds`. Each handling runs in a `consume`
 //! span with the consumer's name and the event's id, type and subject.
 //!
@@ -67,6 +68,7 @@
 //! ```
 
 mod handler;
+mod once;
 mod runtime;
 mod source;
 
@@ -86,9 +88,10 @@ pub use handler::{Context, Handler, HandlerError, HandlerErrorKind};
 pub use source::{Acker, Incoming, Source, SourceError, Undecodable};
 
 use crate::fanout::TypePattern;
-use crate::inbox::ParkedEvents;
+use crate::inbox::{Inbox, ParkedEvents};
 use crate::{Backoff, ConfigError};
 use handler::{DynHandler, Raw, Typed};
+use once::Once;
 use runtime::{Counters, DynParked, Route, Settings, Shared};
 
 /// Totals of one consumer run.
@@ -111,6 +114,10 @@ pub struct ConsumerReport {
     pub ack_failures: u64,
     /// Failed receives from the source (each is retried after a backoff).
     pub receive_errors: u64,
+    /// Redeliveries an [`on_once`](Consumer::on_once) route's inbox
+    /// recognised as handled before and skipped (also counted in
+    /// `handled`: they are acked).
+    pub duplicates: u64,
 }
 
 /// Handles events from a [`Source`] by event type, in per-subject order,
@@ -148,6 +155,9 @@ pub struct Consumer {
     errors: Vec<String>,
     parked: Option<Box<dyn DynParked>>,
     settings: Settings,
+    /// Shared with the [`on_once`](Consumer::on_once) routes, which count
+    /// the duplicates they skip.
+    counters: Arc<Counters>,
 }
 
 impl fmt::Debug for Consumer {
@@ -173,6 +183,7 @@ impl Consumer {
             errors: Vec::new(),
             parked: None,
             settings: Settings::default(),
+            counters: Arc::default(),
         }
     }
 
@@ -248,6 +259,49 @@ impl Consumer {
         H: Handler<T>,
     {
         self.route(pattern, Box::new(Typed::new(handler)))
+    }
+
+    /// Like [`Consumer::on`], with the effect made exactly-once by `inbox`:
+    /// for each event the consumer begins an inbox transaction recording
+    /// (consumer, event id), hands it to `handler`, which writes its effect
+    /// through it and returns it, and commits it. An event this consumer
+    /// already handled (a redelivery) is skipped without calling `handler`
+    /// (counted in `proclaim_consumer_duplicates_total`). A handler error
+    /// drops the transaction, rolling back the effect with the inbox row, so
+    /// the retry starts clean.
+    ///
+    /// ```
+    /// use proclaim_core::consumer::{Consumer, Context, HandlerError};
+    /// use proclaim_core::inbox::Inbox;
+    ///
+    /// #[derive(serde::Deserialize)]
+    /// struct DonorSecured { donor_id: i64 }
+    ///
+    /// fn thank_you<I: Inbox>(inbox: I) -> Consumer {
+    ///     Consumer::new("volunteer-thank-you").on_once(
+    ///         "DonorSecured",
+    ///         inbox,
+    ///         |cx: Context<DonorSecured>, tx: I::Tx| async move {
+    ///             // Write the note through `tx` (with a store's inbox, the
+    ///             // transaction derefs to its database connection).
+    ///             tracing::info!(donor = cx.data.donor_id, "thank-you note written");
+    ///             Ok::<_, HandlerError>(tx)
+    ///         },
+    ///     )
+    /// }
+    /// ```
+    pub fn on_once<T, I, F, Fut>(self, pattern: &str, inbox: I, handler: F) -> Self
+    where
+        T: DeserializeOwned + Send + 'static,
+        I: Inbox,
+        F: Fn(Context<T>, I::Tx) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<I::Tx, HandlerError>> + Send + 'static,
+    {
+        let counters = self.counters.clone();
+        self.route(
+            pattern,
+            Box::new(Typed::new(Once::new(inbox, handler, counters))),
+        )
     }
 
     fn route(mut self, pattern: &str, handler: Box<dyn DynHandler>) -> Self {
@@ -369,7 +423,7 @@ impl Consumer {
         Ok(())
     }
 
-    fn into_shared(self, counters: Arc<Counters>) -> Result<Shared, ConfigError> {
+    fn into_shared(self) -> Result<Shared, ConfigError> {
         self.validate()?;
         let parked = self
             .parked
@@ -381,7 +435,7 @@ impl Consumer {
             routes: self.routes,
             parked,
             settings: self.settings,
-            counters,
+            counters: self.counters,
             stopping: CancellationToken::new(),
             permits: tokio::sync::Semaphore::new(concurrency),
             backing_off: std::sync::atomic::AtomicUsize::new(0),
@@ -398,7 +452,7 @@ impl Consumer {
         source: S,
         shutdown: CancellationToken,
     ) -> Result<ConsumerReport, ConfigError> {
-        let shared = Arc::new(self.into_shared(Arc::default())?);
+        let shared = Arc::new(self.into_shared()?);
         let span = info_span!("consumer", consumer = %shared.name);
         runtime::run_loop(shared.clone(), source, shutdown)
             .instrument(span)
@@ -408,8 +462,8 @@ impl Consumer {
 
     /// Runs the consumer on a new task until [`ConsumerHandle::shutdown`].
     pub fn spawn<S: Source>(self, source: S) -> Result<ConsumerHandle, ConfigError> {
-        let counters = Arc::<Counters>::default();
-        let shared = Arc::new(self.into_shared(counters.clone())?);
+        let counters = self.counters.clone();
+        let shared = Arc::new(self.into_shared()?);
         let token = CancellationToken::new();
         let span = info_span!("consumer", consumer = %shared.name);
         let task = tokio::spawn({
@@ -464,6 +518,21 @@ impl ConsumerHandle {
             }),
             None => self.counters.snapshot(),
         }
+    }
+
+    /// Stops the consumer at once, as if its process died: in-flight
+    /// handlings are cancelled where they stand and nothing more is acked
+    /// or handed back, so the broker delivers those messages again once its
+    /// ack deadline passes. For tests and demonstrations of crash recovery;
+    /// a service stops with [`shutdown`](Self::shutdown). Returns the totals
+    /// up to then.
+    pub async fn abort(mut self) -> ConsumerReport {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            // Wait until the task and the handlings it owns are gone.
+            let _ = task.await;
+        }
+        self.counters.snapshot()
     }
 
     /// The totals so far, while the consumer runs.

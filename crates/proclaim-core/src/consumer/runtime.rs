@@ -84,6 +84,7 @@ pub(crate) struct Counters {
     park_failures: AtomicU64,
     ack_failures: AtomicU64,
     receive_errors: AtomicU64,
+    duplicates: AtomicU64,
 }
 
 impl Counters {
@@ -98,7 +99,13 @@ impl Counters {
             park_failures: get(&self.park_failures),
             ack_failures: get(&self.ack_failures),
             receive_errors: get(&self.receive_errors),
+            duplicates: get(&self.duplicates),
         }
+    }
+
+    /// Counts a redelivery an inbox skipped.
+    pub(crate) fn duplicate(&self) {
+        self.duplicates.fetch_add(1, Ordering::Relaxed);
     }
 }
 

@@ -803,6 +803,54 @@ async fn a_closed_source_stops_the_consumer_after_its_in_flight_work() {
     assert_eq!(log.acks(), 2);
 }
 
+#[tokio::test]
+async fn abort_cancels_handlings_where_they_stand_and_settles_nothing() {
+    let parked = MemoryParked::default();
+    let (feed, source) = feed();
+    feed.send("done", event("T", "a", 1));
+    feed.send("stuck", event("T", "b", 1));
+    let (started, mut started_rx) = mpsc::unbounded_channel::<u32>();
+    let finished = Arc::new(AtomicUsize::new(0));
+    let handle = Consumer::new("aborted")
+        .park_into(parked)
+        .on_event("T", {
+            let finished = finished.clone();
+            move |cx: Context<()>| {
+                let (started, finished) = (started.clone(), finished.clone());
+                async move {
+                    let stuck = cx.event.subject() == "b";
+                    let _ = started.send(u32::from(stuck));
+                    if stuck {
+                        std::future::pending::<()>().await;
+                    }
+                    finished.fetch_add(1, Ordering::SeqCst);
+                    Ok(())
+                }
+            }
+        })
+        .spawn(source)
+        .unwrap();
+    let mut seen = vec![
+        started_rx.recv().await.unwrap(),
+        started_rx.recv().await.unwrap(),
+    ];
+    seen.sort_unstable();
+    assert_eq!(seen, [0, 1]);
+    wait_until("the first message acked", || feed.log.acked("done")).await;
+
+    let report = handle.abort().await;
+    assert_eq!(report.handled, 1);
+    assert_eq!(finished.load(Ordering::SeqCst), 1);
+    // The stuck message was neither acked nor handed back: the broker's ack
+    // deadline brings it back, as after a crash.
+    assert!(
+        feed.log.of("stuck").is_empty(),
+        "{:?}",
+        feed.log.of("stuck")
+    );
+    assert_eq!(feed.log.of("done"), [Settled::Ack]);
+}
+
 // ---------------------------------------------------------------- robustness
 
 #[tokio::test]

@@ -4,7 +4,7 @@
 //! tests check that every event's effect happened exactly once.
 
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -698,4 +698,67 @@ async fn the_source_recovers_when_the_connection_is_lost() {
     fx.wait_settled(group).await;
     let report = handle.shutdown().await;
     assert_eq!(report.parked, 0, "{report:?}");
+}
+
+/// `Consumer::on_once`: the runtime opens the inbox transaction, skips
+/// redeliveries without calling the handler, and commits what it returns;
+/// a handler that fails after writing its effect leaves nothing behind.
+#[tokio::test]
+async fn on_once_skips_duplicates_without_calling_the_handler_and_rolls_back_failures() {
+    let fx = Fixture::new().await;
+    let group = "thank-you-once";
+    let events = round_robin(4, 5);
+    fx.publish(&events).await;
+    assert_eq!(fx.publish_duplicates().await, events.len());
+    fx.ts.wait_for_count(2 * events.len() as u64, WAIT).await;
+
+    let table = format!(r#""{}".effects"#, fx.db.schema.name);
+    let calls = Arc::new(AtomicU64::new(0));
+    let failed_once = Arc::new(Mutex::new(HashSet::new()));
+    let handler = {
+        let (calls, failed_once) = (calls.clone(), failed_once.clone());
+        move |cx: Context<serde_json::Value>, mut tx: proclaim_postgres::PgInboxTx| {
+            let (calls, failed_once, table) = (calls.clone(), failed_once.clone(), table.clone());
+            async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "INSERT INTO {table} (consumer, event_id, subject, n) VALUES ($1, $2, $3, $4)"
+                )))
+                .bind(cx.consumer())
+                .bind(cx.event.id())
+                .bind(cx.event.subject())
+                .bind(i64::try_from(n_of(&cx.event)).unwrap())
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| HandlerError::transient("insert").with_source(e))?;
+                // Every event's first attempt fails after its effect was written.
+                if failed_once.lock().unwrap().insert(cx.event.id()) {
+                    return Err(HandlerError::transient("the mail server hung up"));
+                }
+                Ok(tx)
+            }
+        }
+    };
+    let source = fx.source(JetStreamSourceConfig::new(group)).await;
+    let handle = consumer(group, fx.inbox())
+        .on_once("*", fx.inbox().clone(), handler)
+        .concurrency(4)
+        .spawn(source)
+        .unwrap();
+
+    fx.assert_effect_once(group, &events).await;
+    let total = 2 * events.len() as u64;
+    eventually(WAIT, "every delivery handled", || async {
+        handle.report().handled == total
+    })
+    .await;
+    fx.wait_settled(group).await;
+    let report = handle.shutdown().await;
+    assert_eq!(report.parked, 0, "{report:?}");
+    assert_eq!(report.retried, events.len() as u64, "{report:?}");
+    assert_eq!(report.duplicates, events.len() as u64, "{report:?}");
+    // Two calls per event (the failed first attempt and its retry); the
+    // duplicate copies never reached the handler.
+    assert_eq!(calls.load(Ordering::SeqCst), 2 * events.len() as u64);
+    fx.assert_effect_once(group, &events).await;
 }
