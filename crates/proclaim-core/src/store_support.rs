@@ -1,6 +1,7 @@
 //! Helpers shared by the store crates (PostgreSQL, SQLite, MySQL): checked
-//! SQL identifiers, a stable hash for lock keys, and the text stored with a
-//! failed event. Application code does not need this module.
+//! SQL identifiers, a stable hash for lock keys, the text stored with a
+//! failed event, and the inbox's parked rows and commit check. Application
+//! code does not need this module.
 
 use crate::{Event, StoreError};
 
@@ -94,6 +95,35 @@ pub fn metadata_json(event: &Event) -> String {
 mod tests {
     use super::*;
 
+    fn row(event_json: Option<&str>, raw: &[u8], attempts: i64) -> ParkedRow {
+        ParkedRow {
+            id: 7,
+            consumer: "c".into(),
+            event_json: event_json.map(str::to_owned),
+            raw: raw.to_vec(),
+            reason: "r".into(),
+            attempts,
+            parked_at: chrono::Utc::now(),
+        }
+    }
+
+    #[test]
+    fn a_parked_row_decodes_its_event_and_json_that_no_longer_decodes_is_listed_as_bytes() {
+        let event = Event::builder("T").subject("s").build().unwrap();
+        let p = row(Some(&event.to_cloudevent_json()), b"", 3).into_parked_event();
+        assert_eq!(p.event.as_ref().map(Event::id), Some(event.id()));
+        assert_eq!((p.id, p.attempts), (7, 3));
+
+        let p = row(Some("{\"not\": \"an event\"}"), b"", -1).into_parked_event();
+        assert!(p.event.is_none());
+        assert_eq!(p.raw, b"{\"not\": \"an event\"}");
+        assert_eq!(p.attempts, 0);
+
+        let p = row(None, b"\xff bytes", 0).into_parked_event();
+        assert!(p.event.is_none());
+        assert_eq!(p.raw, b"\xff bytes");
+    }
+
     #[test]
     fn accepts_plain_names_and_rejects_the_rest() {
         for ok in ["outbox", "proclaim", "_x", "a1_b2", &"a".repeat(63)] {
@@ -132,4 +162,72 @@ mod tests {
         assert!(clipped.len() <= MAX_ERROR_LEN + '…'.len_utf8());
         assert!(clipped.ends_with('…'));
     }
+}
+
+/// A parked event as a store keeps it: the event as CloudEvents JSON (or
+/// `None` for a message that did not decode, whose bytes are in `raw`).
+#[derive(Debug, Clone)]
+pub struct ParkedRow {
+    /// The row's id.
+    pub id: i64,
+    /// The consumer that parked it.
+    pub consumer: String,
+    /// The event as CloudEvents JSON.
+    pub event_json: Option<String>,
+    /// The message's bytes, when it did not decode.
+    pub raw: Vec<u8>,
+    /// Why it was parked.
+    pub reason: String,
+    /// Handler attempts, as stored (negative values read as 0).
+    pub attempts: i64,
+    /// When it was parked.
+    pub parked_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl ParkedRow {
+    /// The parked event. An event whose JSON no longer decodes (a row
+    /// edited by hand) is listed as undecodable, with that JSON as its
+    /// bytes, rather than failing the whole listing.
+    pub fn into_parked_event(self) -> crate::inbox::ParkedEvent {
+        let id = self.id;
+        let (event, raw) = match self.event_json {
+            None => (None, self.raw),
+            Some(json) => match Event::from_cloudevent_json(&json) {
+                Ok(event) => (Some(event), self.raw),
+                Err(e) => {
+                    tracing::warn!(id, error = %e, "a parked event no longer decodes; listing its JSON as raw bytes");
+                    let raw = if self.raw.is_empty() {
+                        json.into_bytes()
+                    } else {
+                        self.raw
+                    };
+                    (None, raw)
+                }
+            },
+        };
+        crate::inbox::ParkedEvent {
+            id,
+            consumer: self.consumer,
+            event,
+            raw,
+            reason: self.reason,
+            attempts: u32::try_from(self.attempts.max(0)).unwrap_or(u32::MAX),
+            parked_at: self.parked_at,
+        }
+    }
+}
+
+/// The error of an inbox commit that found its own (consumer, event id)
+/// pair gone from the transaction: the database rolled the transaction
+/// back (PostgreSQL after a failed statement, an InnoDB deadlock, SQLite
+/// `ROLLBACK` on a busy error), so committing would store nothing of the
+/// handling and its message must not be acked.
+pub fn inbox_pair_gone(consumer: &str, event_id: uuid::Uuid) -> StoreError {
+    StoreError::Database(
+        format!(
+            "the inbox pair ({consumer}, {event_id}) is gone from its transaction (rolled back by the database); \
+             nothing of the handling is committed with it"
+        )
+        .into(),
+    )
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use proclaim_core::inbox::{Inbox, InboxTx, ParkedEvent, ParkedEvents};
-use proclaim_core::store_support::clip_error;
+use proclaim_core::store_support::{ParkedRow, clip_error, inbox_pair_gone};
 use proclaim_core::{Event, StoreError};
 use sqlx::sqlite::{SqlitePool, SqliteRow};
 use sqlx::{AssertSqlSafe, Row, Sqlite, SqliteConnection, Transaction};
@@ -429,61 +429,21 @@ impl ParkedEvents for SqliteInbox {
 
 fn decode_parked(row: &SqliteRow) -> Result<ParkedEvent, sqlx::Error> {
     let id: i64 = row.try_get(0)?;
-    let attempts: i64 = row.try_get(5)?;
     let parked_at: i64 = row.try_get(6)?;
     let parked_at = DateTime::from_timestamp_micros(parked_at).unwrap_or_else(|| {
         tracing::warn!(id, parked_at, "a parked event's time is out of range");
         DateTime::UNIX_EPOCH
     });
-    Ok(parked_event(
+    Ok(ParkedRow {
         id,
-        row.try_get(1)?,
-        row.try_get(2)?,
-        row.try_get(3)?,
-        row.try_get(4)?,
-        u32::try_from(attempts.max(0)).unwrap_or(u32::MAX),
-        parked_at,
-    ))
-}
-
-/// A parked event from its stored parts. An event whose JSON no longer
-/// decodes (a row edited by hand) is listed as undecodable, with that JSON
-/// as its bytes, rather than failing the whole listing.
-fn parked_event(
-    id: i64,
-    consumer: String,
-    event: Option<String>,
-    raw: Vec<u8>,
-    reason: String,
-    attempts: u32,
-    parked_at: DateTime<Utc>,
-) -> ParkedEvent {
-    let (event, raw) = match event {
-        None => (None, raw),
-        Some(json) => match Event::from_cloudevent_json(&json) {
-            Ok(event) => (Some(event), raw),
-            Err(e) => {
-                tracing::warn!(id, error = %e, "a parked event no longer decodes; listing its JSON as raw bytes");
-                (
-                    None,
-                    if raw.is_empty() {
-                        json.into_bytes()
-                    } else {
-                        raw
-                    },
-                )
-            }
-        },
-    };
-    ParkedEvent {
-        id,
-        consumer,
-        event,
-        raw,
-        reason,
-        attempts,
+        consumer: row.try_get(1)?,
+        event_json: row.try_get(2)?,
+        raw: row.try_get(3)?,
+        reason: row.try_get(4)?,
+        attempts: row.try_get(5)?,
         parked_at,
     }
+    .into_parked_event())
 }
 
 /// The transaction of one handling by a [`SqliteInbox`]: the inbox pair is
@@ -581,14 +541,7 @@ impl InboxTx for SqliteInboxTx {
             .await
             .map_err(classify)?;
         if present == 0 {
-            return Err(StoreError::Database(
-                format!(
-                    "the inbox pair ({}, {}) is gone from its transaction (rolled back by the database); \
-                     nothing of the handling is committed with it",
-                    self.consumer, self.event_id
-                )
-                .into(),
-            ));
+            return Err(inbox_pair_gone(&self.consumer, self.event_id));
         }
         self.tx.commit().await.map_err(classify)
     }
