@@ -1,26 +1,23 @@
 //! [`RabbitQueueSource`]: consumes a RabbitMQ queue, as a [`Source`] for
 //! the consumer runtime ([`proclaim_core::consumer::Consumer`]).
 
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use async_compat::Compat;
 use lapin::message::{Delivery, DeliveryResult};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
-use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
-use lapin::tcp::TLSConfig;
+use lapin::protocol::AMQPSoftError;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{AsyncTcpStream, Channel, Connection, ConnectionProperties, ErrorKind, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
 use proclaim_core::consumer::{Acker, Incoming, Source, SourceError};
 use proclaim_core::{CancellationToken, ConfigError};
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::config::Target;
+use crate::connection::{self, describe_lapin, soft_error};
 use crate::{RabbitConfig, RabbitError, decode_delivery};
 
 /// The longest name AMQP 0-9-1 carries (a short string).
@@ -363,24 +360,6 @@ impl Link {
     }
 }
 
-/// Cuts a socket when dropped, unless disarmed: an abandoned connection
-/// attempt takes lapin's I/O with it.
-struct SocketGuard(Option<std::net::TcpStream>);
-
-impl SocketGuard {
-    fn disarm(mut self) -> Option<std::net::TcpStream> {
-        self.0.take()
-    }
-}
-
-impl Drop for SocketGuard {
-    fn drop(&mut self) {
-        if let Some(socket) = self.0.take() {
-            let _ = socket.shutdown(std::net::Shutdown::Both);
-        }
-    }
-}
-
 impl RabbitQueueSource {
     /// Connects to [`RabbitSourceConfig::url`], declares and binds as
     /// configured (or checks that the queue exists), sets the prefetch and
@@ -426,50 +405,13 @@ impl RabbitQueueSource {
     }
 
     fn connect_error(&self, reason: String, source: Option<lapin::Error>) -> RabbitError {
-        RabbitError::Connect {
-            url: self.url.clone(),
-            reason,
-            source: source.map(Into::into),
-        }
+        connection::connect_error(&self.url, reason, source)
     }
 
     /// Connects, declares, binds, and starts consuming.
     async fn open(&self) -> Result<Link, RabbitError> {
-        let target = &self.target;
-        let io_error = |e: std::io::Error| self.connect_error(describe_io(&e), Some(e.into()));
-        // The TCP connection is made here, as the publisher does: lapin's
-        // URL parser reads an IP address as `localhost`, and a second handle
-        // on the socket lets a connection be cut.
-        let tcp = TcpStream::connect((target.host.as_str(), target.port))
-            .await
-            .map_err(io_error)?;
-        let _ = tcp.set_nodelay(true);
-        let std_tcp = tcp.into_std().map_err(io_error)?;
-        let guard = SocketGuard(Some(std_tcp.try_clone().map_err(io_error)?));
-        let tcp = TcpStream::from_std(std_tcp).map_err(io_error)?;
-        let slot = Arc::new(Mutex::new(Some(tcp)));
-        let tls_host = target.tls.then(|| target.host.clone());
-        let connect = async move |_uri, _runtime| {
-            let taken = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
-            let tcp = taken.ok_or_else(|| {
-                std::io::Error::new(
-                    std::io::ErrorKind::NotConnected,
-                    "the connection to RabbitMQ was lost",
-                )
-            })?;
-            let stream = AsyncTcpStream::Plain(Compat::new(tcp));
-            match &tls_host {
-                None => Ok(stream),
-                Some(host) => Ok(stream.into_tls(host, TLSConfig::default()).await?),
-            }
-        };
-        let runtime = lapin::runtime::default_runtime()
-            .map_err(|e| self.connect_error(e.to_string(), Some(e)))?;
-        let properties =
-            ConnectionProperties::default().with_connection_name("proclaim-consumer".into());
-        let connection = Connection::connector(target.uri.clone(), runtime, connect, properties)
-            .await
-            .map_err(|e| self.connect_error(describe_lapin(&e), Some(e)))?;
+        let opened = connection::open(&self.target, &self.url, "proclaim-consumer").await?;
+        let connection = &opened.connection;
         let channel = connection
             .create_channel()
             .await
@@ -507,9 +449,7 @@ impl RabbitQueueSource {
             let _ = sender.send(delivery);
             std::future::ready(())
         });
-        let Some(socket) = guard.disarm() else {
-            return Err(self.connect_error("the socket handle was lost".into(), None));
-        };
+        let (connection, socket) = opened.disarm(&self.url)?;
         tracing::info!(
             url = %self.url,
             queue = %self.config.queue,
@@ -795,35 +735,6 @@ impl Acker for RabbitAcker {
             requeue: true,
         };
         self.settle("nack", acker.nack(options)).await
-    }
-}
-
-/// The channel-level AMQP error in `err`, if it is one.
-fn soft_error(err: &lapin::Error) -> Option<AMQPSoftError> {
-    match err.kind() {
-        ErrorKind::ProtocolError(amqp) => match amqp.kind() {
-            AMQPErrorKind::Soft(soft) => Some(soft.clone()),
-            AMQPErrorKind::Hard(_) => None,
-        },
-        _ => None,
-    }
-}
-
-/// A one-line reason for an I/O failure.
-fn describe_io(err: &std::io::Error) -> String {
-    if err.raw_os_error().is_some() {
-        err.kind().to_string()
-    } else {
-        err.to_string()
-    }
-}
-
-/// A one-line reason for a lapin failure.
-fn describe_lapin(err: &lapin::Error) -> String {
-    match err.kind() {
-        ErrorKind::IOError(io) => describe_io(io),
-        ErrorKind::ProtocolError(amqp) => amqp.get_message().to_string(),
-        _ => err.to_string(),
     }
 }
 

@@ -53,6 +53,7 @@
 //! ```
 
 mod config;
+mod connection;
 mod consumer;
 mod error;
 mod message;

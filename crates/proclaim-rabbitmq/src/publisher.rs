@@ -4,22 +4,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use async_compat::Compat;
 use lapin::message::BasicReturnMessage;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
-use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
-use lapin::tcp::TLSConfig;
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{FieldTable, ShortString};
-use lapin::{
-    AsyncTcpStream, BasicProperties, Channel, Confirmation, Connection, ConnectionProperties,
-    ErrorKind, ExchangeKind,
-};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ErrorKind, ExchangeKind};
 use proclaim_core::{OutboxRecord, PublishError, Publisher};
-use tokio::net::TcpStream;
 use tokio::sync::{RwLock, Semaphore};
 use tokio::time::Instant;
 
 use crate::config::Target;
+use crate::connection::{self, describe_lapin, soft_error};
 use crate::{RabbitConfig, RabbitError, RoutingKeyTemplate, message};
 
 /// After a failed connection attempt, callers within this gap get its error
@@ -165,24 +160,6 @@ impl Link {
     }
 }
 
-/// Cuts a socket when dropped, unless disarmed: a connection attempt that is
-/// abandoned (timed out) takes lapin's I/O thread down with it.
-struct SocketGuard(Option<std::net::TcpStream>);
-
-impl SocketGuard {
-    fn disarm(mut self) -> Option<std::net::TcpStream> {
-        self.0.take()
-    }
-}
-
-impl Drop for SocketGuard {
-    fn drop(&mut self) {
-        if let Some(socket) = self.0.take() {
-            let _ = socket.shutdown(std::net::Shutdown::Both);
-        }
-    }
-}
-
 impl RabbitPublisher {
     /// Connects to [`RabbitConfig::url`] and checks (or, with
     /// [`RabbitConfig::declare_exchange`], declares) the exchange.
@@ -242,11 +219,7 @@ impl RabbitPublisher {
 
 impl Inner {
     fn connect_error(&self, reason: String, source: Option<lapin::Error>) -> RabbitError {
-        RabbitError::Connect {
-            url: self.url.clone(),
-            reason,
-            source: source.map(Into::into),
-        }
+        connection::connect_error(&self.url, reason, source)
     }
 
     /// The live connection, made anew if there is none (within the connect
@@ -310,47 +283,9 @@ impl Inner {
 
     /// Makes a connection and checks (or declares) the exchange.
     async fn open(&self) -> Result<Link, RabbitError> {
-        if tokio::runtime::Handle::try_current().is_err() {
-            return Err(self.connect_error("not called within a tokio runtime".into(), None));
-        }
-        let target = &self.target;
-        let io_error = |e: std::io::Error| self.connect_error(describe_io(&e), Some(e.into()));
-        // The TCP connection is made here rather than by lapin: with a second
-        // handle on the socket, an abandoned attempt (or a connection given
-        // up later) can be cut, which ends lapin's I/O thread for it.
-        let tcp = TcpStream::connect((target.host.as_str(), target.port))
-            .await
-            .map_err(io_error)?;
-        let _ = tcp.set_nodelay(true);
-        let std_tcp = tcp.into_std().map_err(io_error)?;
-        let guard = SocketGuard(Some(std_tcp.try_clone().map_err(io_error)?));
-        let tcp = TcpStream::from_std(std_tcp).map_err(io_error)?;
-        let slot = Arc::new(Mutex::new(Some(tcp)));
-        let tls_host = target.tls.then(|| target.host.clone());
-        let connect = async move |_uri, _runtime| {
-            let taken = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
-            let tcp = taken.ok_or_else(|| {
-                std::io::Error::new(
-                    std::io::ErrorKind::NotConnected,
-                    "the connection to RabbitMQ was lost",
-                )
-            })?;
-            let stream = AsyncTcpStream::Plain(Compat::new(tcp));
-            match &tls_host {
-                None => Ok(stream),
-                Some(host) => Ok(stream.into_tls(host, TLSConfig::default()).await?),
-            }
-        };
-        let runtime = lapin::runtime::default_runtime()
-            .map_err(|e| self.connect_error(e.to_string(), Some(e)))?;
-        let properties = ConnectionProperties::default().with_connection_name("proclaim".into());
-        let connection = Connection::connector(target.uri.clone(), runtime, connect, properties)
-            .await
-            .map_err(|e| self.connect_error(describe_connect(&e), Some(e)))?;
-        self.ensure_exchange(&connection).await?;
-        let Some(socket) = guard.disarm() else {
-            return Err(self.connect_error("the socket handle was lost".into(), None));
-        };
+        let opened = connection::open(&self.target, &self.url, "proclaim").await?;
+        self.ensure_exchange(&opened.connection).await?;
+        let (connection, socket) = opened.disarm(&self.url)?;
         tracing::info!(url = %self.url, exchange = %self.exchange, "connected to RabbitMQ");
         Ok(Link {
             connection,
@@ -545,53 +480,5 @@ fn prefixed(err: PublishError, what: &str) -> PublishError {
         PublishError::transient(message).with_source(err)
     } else {
         PublishError::permanent(message).with_source(err)
-    }
-}
-
-/// The channel-level AMQP error in `err`, if it is one.
-fn soft_error(err: &lapin::Error) -> Option<AMQPSoftError> {
-    match err.kind() {
-        ErrorKind::ProtocolError(amqp) => match amqp.kind() {
-            AMQPErrorKind::Soft(soft) => Some(soft.clone()),
-            AMQPErrorKind::Hard(_) => None,
-        },
-        _ => None,
-    }
-}
-
-/// A one-line reason for an I/O failure.
-fn describe_io(err: &std::io::Error) -> String {
-    // OS errors: the kind reads best ("connection refused").
-    if err.raw_os_error().is_some() {
-        err.kind().to_string()
-    } else {
-        err.to_string()
-    }
-}
-
-/// A one-line reason for a lapin failure.
-fn describe_lapin(err: &lapin::Error) -> String {
-    match err.kind() {
-        ErrorKind::IOError(io) => describe_io(io),
-        ErrorKind::ProtocolError(amqp) => amqp.get_message().to_string(),
-        _ => err.to_string(),
-    }
-}
-
-/// A one-line reason for a failed AMQP handshake.
-fn describe_connect(err: &lapin::Error) -> String {
-    match err.kind() {
-        ErrorKind::ProtocolError(amqp) => match amqp.kind() {
-            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => format!(
-                "the broker refused the login (wrong user or password?): {}",
-                amqp.get_message()
-            ),
-            AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) => format!(
-                "the virtual host does not exist or the user may not open it: {}",
-                amqp.get_message()
-            ),
-            _ => amqp.to_string(),
-        },
-        _ => describe_lapin(err),
     }
 }
