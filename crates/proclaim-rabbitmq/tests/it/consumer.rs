@@ -445,3 +445,20 @@ async fn a_lost_connection_is_a_receive_error_and_the_source_reconnects() {
     assert_eq!(counts.len(), 2, "{counts:?}");
     db.assert_each_once(name, &[first, second]).await;
 }
+
+#[tokio::test]
+async fn wrong_credentials_are_a_clear_error_without_the_password() {
+    proclaim_testkit::init_tracing();
+    let config = RabbitSourceConfig::new("never-declared").with_url(format!(
+        "amqp://guest:not-the-password@{}/%2f",
+        broker_addr()
+    ));
+    let err = RabbitQueueSource::connect(config).await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("the broker refused the login (wrong user or password?)"),
+        "{text}"
+    );
+    assert!(!text.contains("not-the-password"), "{text}");
+    assert!(!format!("{err:?}").contains("not-the-password"), "{err:?}");
+}
