@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use proclaim::inbox::ParkedEvents;
+use proclaim::redact_url;
 use proclaim::mysql::{MySqlInbox, MySqlInboxOptions, MySqlOutbox, MySqlOutboxOptions};
 use proclaim::postgres::{PgInbox, PgInboxOptions, PgOutbox, PgOutboxOptions};
 use proclaim::sqlite::{SqliteInbox, SqliteInboxOptions, SqliteOutbox, SqliteOutboxOptions};
@@ -33,24 +34,6 @@ macro_rules! with_outbox {
 }
 pub(crate) use with_outbox;
 
-/// The URL with any password replaced, for error messages.
-pub(crate) fn redact(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => match rest.rsplit_once('@') {
-            Some((userinfo, host)) => {
-                let user = userinfo.split(':').next().unwrap_or_default();
-                if userinfo.contains(':') {
-                    format!("{scheme}://{user}:***@{host}")
-                } else {
-                    format!("{scheme}://{userinfo}@{host}")
-                }
-            }
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
-    }
-}
-
 fn input(message: String) -> anyhow::Error {
     InputError(message).into()
 }
@@ -59,7 +42,7 @@ fn input(message: String) -> anyhow::Error {
 pub(crate) async fn open(settings: &StoreSettings, pool_size: u32) -> anyhow::Result<Outbox> {
     let url = &settings.database_url;
     let scheme = url.split_once(':').map(|(s, _)| s).unwrap_or_default();
-    let cannot = || format!("cannot connect to the database at {}", redact(url));
+    let cannot = || format!("cannot connect to the database at {}", redact_url(url));
     match scheme {
         "postgres" | "postgresql" => {
             let options = pg_options(settings);
@@ -97,7 +80,7 @@ pub(crate) async fn open(settings: &StoreSettings, pool_size: u32) -> anyhow::Re
         }
         _ => Err(input(format!(
             "unsupported database URL {:?}: expected postgres://…, sqlite:… or mysql://…",
-            redact(url)
+            redact_url(url)
         ))),
     }
 }
@@ -140,47 +123,29 @@ pub(crate) trait LaneStore: Sized {
     fn table(&self) -> String;
 }
 
-impl LaneStore for PgOutbox {
-    fn lane(&self, settings: &StoreSettings, name: &str) -> anyhow::Result<Self> {
-        let mut options = pg_options(settings);
-        options.table = format!("{}_{name}", options.table);
-        Ok(PgOutbox::with_options(self.pool().clone(), options)?)
-    }
-    async fn migrate_lane(&self) -> anyhow::Result<()> {
-        Ok(self.migrate().await?)
-    }
-    fn table(&self) -> String {
-        self.table_name().to_owned()
-    }
+/// `LaneStore` for an outbox type whose options come from `$options`: the
+/// same three lines for each store.
+macro_rules! lane_store {
+    ($outbox:ident, $options:ident) => {
+        impl LaneStore for $outbox {
+            fn lane(&self, settings: &StoreSettings, name: &str) -> anyhow::Result<Self> {
+                let mut options = $options(settings);
+                options.table = format!("{}_{name}", options.table);
+                Ok($outbox::with_options(self.pool().clone(), options)?)
+            }
+            async fn migrate_lane(&self) -> anyhow::Result<()> {
+                Ok(self.migrate().await?)
+            }
+            fn table(&self) -> String {
+                self.table_name().to_owned()
+            }
+        }
+    };
 }
 
-impl LaneStore for SqliteOutbox {
-    fn lane(&self, settings: &StoreSettings, name: &str) -> anyhow::Result<Self> {
-        let mut options = sqlite_options(settings);
-        options.table = format!("{}_{name}", options.table);
-        Ok(SqliteOutbox::with_options(self.pool().clone(), options)?)
-    }
-    async fn migrate_lane(&self) -> anyhow::Result<()> {
-        Ok(self.migrate().await?)
-    }
-    fn table(&self) -> String {
-        self.table_name().to_owned()
-    }
-}
-
-impl LaneStore for MySqlOutbox {
-    fn lane(&self, settings: &StoreSettings, name: &str) -> anyhow::Result<Self> {
-        let mut options = mysql_options(settings);
-        options.table = format!("{}_{name}", options.table);
-        Ok(MySqlOutbox::with_options(self.pool().clone(), options)?)
-    }
-    async fn migrate_lane(&self) -> anyhow::Result<()> {
-        Ok(self.migrate().await?)
-    }
-    fn table(&self) -> String {
-        self.table_name().to_owned()
-    }
-}
+lane_store!(PgOutbox, pg_options);
+lane_store!(SqliteOutbox, sqlite_options);
+lane_store!(MySqlOutbox, mysql_options);
 
 /// A store whose consumers' inbox (and the events they parked) lives next
 /// to its outbox: same database, sharing its connection pool.
@@ -323,27 +288,5 @@ fn no_schema(settings: &StoreSettings) -> anyhow::Result<()> {
             "--schema ({schema}) applies to PostgreSQL only; this database keeps the outbox in the database of the URL"
         ))),
         None => Ok(()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redact;
-
-    #[test]
-    fn redacts_passwords_only() {
-        assert_eq!(
-            redact("postgres://u:secret@h:5432/db"),
-            "postgres://u:***@h:5432/db"
-        );
-        assert_eq!(
-            redact("mysql://root@127.0.0.1:3306/test"),
-            "mysql://root@127.0.0.1:3306/test"
-        );
-        assert_eq!(redact("postgres://h/db"), "postgres://h/db");
-        assert_eq!(
-            redact("sqlite://outbox.db?mode=rwc"),
-            "sqlite://outbox.db?mode=rwc"
-        );
     }
 }

@@ -202,7 +202,7 @@ async fn unreachable_services_give_one_line_and_exit_code_1() {
     assert_fails(
         &out,
         1,
-        "cannot connect to the database at postgres://postgres:***@127.0.0.1:1/test",
+        "cannot connect to the database at postgres://***@127.0.0.1:1/test",
     );
     assert!(!stderr(&out).contains("secret"));
 
