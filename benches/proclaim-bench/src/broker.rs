@@ -44,12 +44,14 @@ use tokio::time::{Instant, MissedTickBehavior};
 use crate::db::{BenchDb, Db, StoreKind};
 use crate::drain::write;
 use crate::env::{donor_events, unique_suffix};
-use crate::output::{Output, round};
-use crate::stats::Spread;
+use crate::output::{Output, merge};
+use crate::rates::{Rates, RatesSummary};
 use crate::targets::{Target, Targets};
 use crate::{Common, Scratch};
 
 /// How often the end of a drain is checked.
+/// The column of baseline (a).
+const PUBLISH: &str = "(a') publisher ev/s";
 const POLL: Duration = Duration::from_millis(10);
 /// How long the cleanup waits for a relay still running after Ctrl-C.
 const SHUTDOWN: Duration = Duration::from_secs(30);
@@ -152,11 +154,7 @@ impl Scratch for BrokerEnv {
 /// The figures of one run, in events per second, and the relay's retries.
 #[derive(Debug, Clone, Copy)]
 struct RunResult {
-    relay: f64,
-    publish: f64,
-    claim_delete: f64,
-    bound: f64,
-    ratio: f64,
+    rates: Rates,
     retried: u64,
     released: u64,
 }
@@ -207,10 +205,7 @@ async fn run_on<D: BenchDb>(
         "baseline (a') is proclaim's own publisher for this broker (a fresh AnyPublisher, no \
          store), not a raw client: relay/H is the relay's overhead over its own publisher",
     )?;
-    out.line(format!(
-        "{:<8} {:>12} {:>18} {:>21} {:>12} {:>9}",
-        "run", "relay ev/s", "(a') publisher ev/s", "(b) claim+delete ev/s", "H ev/s", "relay/H"
-    ))?;
+    out.line(Rates::header(PUBLISH))?;
     let mut results = Vec::with_capacity(runs);
     for n in 1..=runs {
         let r = one_run(env, db, args, &config, n, events)
@@ -224,32 +219,16 @@ async fn run_on<D: BenchDb>(
         } else {
             String::new()
         };
-        out.line(format!("{}{note}", row(&n.to_string(), &r)))?;
+        out.line(format!("{}{note}", r.rates.row(&n.to_string(), PUBLISH)))?;
         results.push(r);
     }
 
-    let summary = |pick: fn(Spread) -> f64| {
-        let s = |f: fn(&RunResult) -> f64| pick(Spread::by(&results, f));
-        RunResult {
-            relay: s(|r| r.relay),
-            publish: s(|r| r.publish),
-            claim_delete: s(|r| r.claim_delete),
-            bound: s(|r| r.bound),
-            ratio: s(|r| r.ratio),
-            retried: 0,
-            released: 0,
-        }
-    };
-    let (median, min, max) = (
-        summary(|s| s.median),
-        summary(|s| s.min),
-        summary(|s| s.max),
-    );
-    out.line(row("median", &median))?;
-    out.line(row("min", &min))?;
-    out.line(row("max", &max))?;
+    let summary = RatesSummary::of(&results.iter().map(|r| r.rates).collect::<Vec<_>>());
+    for line in summary.rows(PUBLISH) {
+        out.line(line)?;
+    }
 
-    out.json(&json!({
+    let mut line = json!({
         "scenario": "broker",
         "broker": targets.kind(),
         "destination": targets.describe(),
@@ -259,37 +238,19 @@ async fn run_on<D: BenchDb>(
         "batch_size": args.batch_size,
         "subjects": args.subjects,
         "publish_window": args.publish_window,
-        "events_per_s": round(median.relay, 0),
-        "min": round(min.relay, 0),
-        "max": round(max.relay, 0),
         // (a'): proclaim's own publisher, not a raw client.
         "baseline_publish_kind": "proclaim publisher",
-        "baseline_publish_per_s": round(median.publish, 0),
-        "baseline_claim_delete_per_s": round(median.claim_delete, 0),
-        "bound_h_per_s": round(median.bound, 0),
-        "baseline_events_per_s": round(median.bound, 0),
-        "ratio": round(median.ratio, 3),
-        "ratio_min": round(min.ratio, 3),
-        "ratio_max": round(max.ratio, 3),
         "retried": results.iter().map(|r| r.retried).sum::<u64>(),
-        "per_run": results.iter().map(|r| json!({
-            "events_per_s": round(r.relay, 0),
-            "baseline_publish_per_s": round(r.publish, 0),
-            "baseline_claim_delete_per_s": round(r.claim_delete, 0),
-            "bound_h_per_s": round(r.bound, 0),
-            "ratio": round(r.ratio, 3),
-            "retried": r.retried,
-            "released": r.released,
-        })).collect::<Vec<_>>(),
-    }))?;
+        "per_run": results.iter().map(|r| {
+            let mut run = r.rates.json();
+            run.insert("retried".into(), r.retried.into());
+            run.insert("released".into(), r.released.into());
+            run
+        }).collect::<Vec<_>>(),
+    });
+    merge(&mut line, summary.json());
+    out.json(&line)?;
     Ok(())
-}
-
-fn row(label: &str, r: &RunResult) -> String {
-    format!(
-        "{:<8} {:>12.0} {:>18.0} {:>21.0} {:>12.0} {:>9.2}",
-        label, r.relay, r.publish, r.claim_delete, r.bound, r.ratio
-    )
 }
 
 async fn one_run<D: BenchDb>(
@@ -337,15 +298,8 @@ async fn one_run<D: BenchDb>(
     let publish = published?;
     removed?;
 
-    let rate = |d: Duration| n as f64 / d.as_secs_f64();
-    let (relay, publish, claim_delete) = (rate(relay), rate(publish), rate(claim_delete));
-    let bound = 1.0 / (1.0 / publish + 1.0 / claim_delete);
     Ok(RunResult {
-        relay,
-        publish,
-        claim_delete,
-        bound,
-        ratio: relay / bound,
+        rates: Rates::of(n, relay, publish, claim_delete),
         retried: report.retried,
         released: report.released,
     })

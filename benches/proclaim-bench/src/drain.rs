@@ -32,12 +32,14 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::db::{BenchDb, Db, StoreKind};
 use crate::env::{BenchStream, Env, StopOnDrop, bare_headers, donor_events};
-use crate::output::{Output, round};
-use crate::stats::Spread;
+use crate::output::{Output, merge};
+use crate::rates::{Rates, RatesSummary};
 
 /// Events per transaction when pre-writing the outbox.
 const WRITE_CHUNK: usize = 1000;
 /// How often the end of a drain is checked.
+/// The column of baseline (a).
+const PUBLISH: &str = "(a) publish ev/s";
 const POLL: Duration = Duration::from_millis(10);
 
 #[derive(Debug, Args)]
@@ -72,14 +74,10 @@ pub(crate) struct DrainArgs {
     quick: bool,
 }
 
-/// The figures of one run, in events per second.
+/// The figures of one run.
 #[derive(Debug, Clone, Copy)]
 struct RunResult {
-    relay: f64,
-    publish: f64,
-    claim_delete: f64,
-    bound: f64,
-    ratio: f64,
+    rates: Rates,
     duplicates: u64,
 }
 
@@ -128,10 +126,7 @@ async fn run_on<D: BenchDb>(
         relay_stream.name,
         bare_stream.name
     ))?;
-    out.line(format!(
-        "{:<8} {:>12} {:>16} {:>21} {:>12} {:>9}",
-        "run", "relay ev/s", "(a) publish ev/s", "(b) claim+delete ev/s", "H ev/s", "relay/H"
-    ))?;
+    out.line(Rates::header(PUBLISH))?;
     let mut results = Vec::with_capacity(runs);
     for n in 1..=runs {
         let r = one_run(env, db, args, &config, &relay_stream, &bare_stream, events)
@@ -142,31 +137,16 @@ async fn run_on<D: BenchDb>(
         } else {
             String::new()
         };
-        out.line(format!("{}{note}", row(&n.to_string(), &r)))?;
+        out.line(format!("{}{note}", r.rates.row(&n.to_string(), PUBLISH)))?;
         results.push(r);
     }
 
-    let summary = |pick: fn(Spread) -> f64| {
-        let s = |f: fn(&RunResult) -> f64| pick(Spread::by(&results, f));
-        RunResult {
-            relay: s(|r| r.relay),
-            publish: s(|r| r.publish),
-            claim_delete: s(|r| r.claim_delete),
-            bound: s(|r| r.bound),
-            ratio: s(|r| r.ratio),
-            duplicates: 0,
-        }
-    };
-    let (median, min, max) = (
-        summary(|s| s.median),
-        summary(|s| s.min),
-        summary(|s| s.max),
-    );
-    out.line(row("median", &median))?;
-    out.line(row("min", &min))?;
-    out.line(row("max", &max))?;
+    let summary = RatesSummary::of(&results.iter().map(|r| r.rates).collect::<Vec<_>>());
+    for line in summary.rows(PUBLISH) {
+        out.line(line)?;
+    }
 
-    out.json(&json!({
+    let mut line = json!({
         "scenario": "drain",
         "store": D::NAME,
         "broker": "nats",
@@ -175,34 +155,15 @@ async fn run_on<D: BenchDb>(
         "runs": runs,
         "batch_size": args.batch_size,
         "subjects": args.subjects,
-        "events_per_s": round(median.relay, 0),
-        "min": round(min.relay, 0),
-        "max": round(max.relay, 0),
-        "baseline_publish_per_s": round(median.publish, 0),
-        "baseline_claim_delete_per_s": round(median.claim_delete, 0),
-        "bound_h_per_s": round(median.bound, 0),
-        // The baseline of the ratio, H, under the name every scenario uses.
-        "baseline_events_per_s": round(median.bound, 0),
-        "ratio": round(median.ratio, 3),
-        "ratio_min": round(min.ratio, 3),
-        "ratio_max": round(max.ratio, 3),
-        "per_run": results.iter().map(|r| json!({
-            "events_per_s": round(r.relay, 0),
-            "baseline_publish_per_s": round(r.publish, 0),
-            "baseline_claim_delete_per_s": round(r.claim_delete, 0),
-            "bound_h_per_s": round(r.bound, 0),
-            "ratio": round(r.ratio, 3),
-            "duplicate_publishes": r.duplicates,
-        })).collect::<Vec<_>>(),
-    }))?;
+        "per_run": results.iter().map(|r| {
+            let mut run = r.rates.json();
+            run.insert("duplicate_publishes".into(), r.duplicates.into());
+            run
+        }).collect::<Vec<_>>(),
+    });
+    merge(&mut line, summary.json());
+    out.json(&line)?;
     Ok(())
-}
-
-fn row(label: &str, r: &RunResult) -> String {
-    format!(
-        "{:<8} {:>12.0} {:>16.0} {:>21.0} {:>12.0} {:>9.2}",
-        label, r.relay, r.publish, r.claim_delete, r.bound, r.ratio
-    )
 }
 
 async fn one_run<D: BenchDb>(
@@ -242,15 +203,8 @@ async fn one_run<D: BenchDb>(
     );
     bare_stream.purge().await?;
 
-    let rate = |d: Duration| n as f64 / d.as_secs_f64();
-    let (relay, publish, claim_delete) = (rate(relay), rate(publish), rate(claim_delete));
-    let bound = 1.0 / (1.0 / publish + 1.0 / claim_delete);
     Ok(RunResult {
-        relay,
-        publish,
-        claim_delete,
-        bound,
-        ratio: relay / bound,
+        rates: Rates::of(n, relay, publish, claim_delete),
         duplicates: published - n as u64,
     })
 }

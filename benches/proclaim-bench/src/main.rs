@@ -98,6 +98,7 @@ mod latency;
 mod leftovers;
 mod output;
 mod plot;
+mod rates;
 mod sink;
 mod soak;
 mod stats;

@@ -45,3 +45,15 @@ pub(crate) fn round(x: f64, digits: i32) -> f64 {
     let f = 10f64.powi(digits);
     (x * f).round() / f
 }
+
+/// Adds `fields` to the JSON object `line` (keys already there are kept).
+pub(crate) fn merge(
+    line: &mut serde_json::Value,
+    fields: serde_json::Map<String, serde_json::Value>,
+) {
+    if let serde_json::Value::Object(map) = line {
+        for (key, value) in fields {
+            map.entry(key).or_insert(value);
+        }
+    }
+}
