@@ -139,3 +139,99 @@ impl<P: ParkedEvents> ParkedEvents for std::sync::Arc<P> {
         (**self).take(ids)
     }
 }
+
+/// Purges an [`Inbox`] on a schedule: every `interval`, the pairs recorded
+/// more than `retention` ago are deleted ([`Inbox::purge`]). Run one per
+/// inbox table, next to the consumers (several instances may run at once:
+/// each purge is one `DELETE`).
+///
+/// A failed purge is logged and counted
+/// (`proclaim_inbox_purge_failures_total`) and tried again at the next
+/// tick; purged pairs are counted in `proclaim_inbox_purged_total`.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use proclaim_core::CancellationToken;
+/// use proclaim_core::inbox::{Inbox, InboxPurger};
+///
+/// # async fn demo(inbox: impl Inbox) -> Result<(), proclaim_core::ConfigError> {
+/// let shutdown = CancellationToken::new();
+/// // Keep pairs 7 days: longer than the broker keeps and redelivers messages.
+/// let purger = InboxPurger::new(inbox, Duration::from_secs(7 * 24 * 3600))
+///     .every(Duration::from_secs(600));
+/// purger.validate()?;
+/// let task = tokio::spawn(purger.run(shutdown.clone()));
+/// // … on SIGTERM:
+/// shutdown.cancel();
+/// let purged = task.await.unwrap_or_default();
+/// # let _ = purged;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct InboxPurger<I> {
+    inbox: I,
+    retention: Duration,
+    interval: Duration,
+}
+
+impl<I: Inbox> InboxPurger<I> {
+    /// A purger keeping pairs for `retention`, purging every 10 minutes.
+    pub fn new(inbox: I, retention: Duration) -> Self {
+        InboxPurger {
+            inbox,
+            retention,
+            interval: Duration::from_secs(600),
+        }
+    }
+
+    /// How often to purge (default 10 minutes).
+    pub fn every(mut self, interval: Duration) -> Self {
+        self.interval = interval;
+        self
+    }
+
+    /// Checks the settings: both durations above zero.
+    pub fn validate(&self) -> Result<(), crate::ConfigError> {
+        if self.retention.is_zero() {
+            return Err(crate::ConfigError(
+                "inbox retention must be above zero: a pair purged at once lets every redelivery through".into(),
+            ));
+        }
+        if self.interval.is_zero() {
+            return Err(crate::ConfigError(
+                "inbox purge interval must be above zero".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Purges at once, then every interval, until `shutdown` is cancelled;
+    /// returns how many pairs it purged in all. Invalid settings
+    /// ([`validate`](Self::validate)) are logged and nothing is purged.
+    pub async fn run(self, shutdown: crate::CancellationToken) -> u64 {
+        if let Err(e) = self.validate() {
+            tracing::error!(error = %e, "inbox purger not started");
+            return 0;
+        }
+        let mut total = 0;
+        loop {
+            match self.inbox.purge(self.retention).await {
+                Ok(purged) => {
+                    total += purged;
+                    metrics::counter!("proclaim_inbox_purged_total").increment(purged);
+                    if purged > 0 {
+                        tracing::info!(purged, retention = ?self.retention, "purged old inbox pairs");
+                    }
+                }
+                Err(e) => {
+                    metrics::counter!("proclaim_inbox_purge_failures_total").increment(1);
+                    tracing::warn!(error = %e, "inbox purge failed; trying again at the next tick");
+                }
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return total,
+                () = tokio::time::sleep(self.interval) => {}
+            }
+        }
+    }
+}

@@ -590,6 +590,49 @@ pub async fn migrate_is_idempotent<H: InboxHarness>() {
     assert_eq!(inbox.parked(None, 10).await.unwrap().len(), 1);
 }
 
+/// [`InboxPurger`](proclaim_core::inbox::InboxPurger) purges at once, then
+/// on every tick (pairs that age past the retention while it runs go too),
+/// keeps the recent ones, and returns its total on shutdown.
+pub async fn purger_purges_on_schedule_until_shutdown<H: InboxHarness>() {
+    let h = H::setup().await;
+    let inbox = h.inbox();
+    let (old, later, recent) = (event(1), event(2), event(3));
+    for e in [&old, &later, &recent] {
+        assert!(handle(&h, &inbox, "mailer", e).await);
+    }
+    let hour = Duration::from_secs(3600);
+    h.backdate("mailer", old.id(), 2 * hour).await;
+
+    let shutdown = proclaim_core::CancellationToken::new();
+    let purger =
+        proclaim_core::inbox::InboxPurger::new(h.inbox(), hour).every(Duration::from_millis(50));
+    let task = tokio::spawn(purger.run(shutdown.clone()));
+    crate::eventually(Duration::from_secs(10), "the first purge", || async {
+        !inbox.contains("mailer", old.id()).await.unwrap()
+    })
+    .await;
+    assert!(inbox.contains("mailer", later.id()).await.unwrap());
+    // A pair that ages past the retention goes at a later tick.
+    h.backdate("mailer", later.id(), 2 * hour).await;
+    crate::eventually(Duration::from_secs(10), "a later purge", || async {
+        !inbox.contains("mailer", later.id()).await.unwrap()
+    })
+    .await;
+    shutdown.cancel();
+    let purged = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("the purger stops on shutdown")
+        .unwrap();
+    assert_eq!(purged, 2);
+    assert!(inbox.contains("mailer", recent.id()).await.unwrap());
+
+    // Settings that cannot work are refused.
+    let zero = proclaim_core::inbox::InboxPurger::new(h.inbox(), Duration::ZERO);
+    assert!(zero.validate().is_err());
+    assert_eq!(zero.run(proclaim_core::CancellationToken::new()).await, 0);
+    assert!(inbox.contains("mailer", recent.id()).await.unwrap());
+}
+
 /// Stamps every inbox conformance case as a `#[tokio::test]` for a harness
 /// type, in a module named `inbox_conformance` or the one given.
 #[macro_export]
@@ -607,6 +650,7 @@ macro_rules! inbox_conformance {
             independent_pairs_do_not_wait,
             consumers_handle_independently,
             purge_removes_only_old_pairs,
+            purger_purges_on_schedule_until_shutdown,
             parked_events_list_and_take,
             parked_reason_is_cleaned,
             take_is_exclusive,
