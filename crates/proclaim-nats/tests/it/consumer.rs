@@ -418,6 +418,18 @@ async fn an_undecodable_message_is_parked_with_its_bytes_and_acked() {
         .unwrap()
         .await
         .unwrap();
+    // A well-formed event of a CloudEvents version this build does not know.
+    let mut headers = stored[0].headers.clone().unwrap();
+    headers.insert("Nats-Msg-Id", "unknown-version");
+    headers.insert("ce-specversion", "2.0");
+    let future = stored[0].payload.to_vec();
+    fx.ts
+        .js
+        .publish_with_headers(stored[0].subject.clone(), headers, future.clone().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
     fx.publish(&good[1..]).await;
 
     let effects = fx.db.handler();
@@ -425,12 +437,12 @@ async fn an_undecodable_message_is_parked_with_its_bytes_and_acked() {
     let handle = effect_consumer(group, &effects).spawn(source).unwrap();
 
     fx.assert_effect_once(group, &good).await;
-    let parked = fx.db.wait_parked(group, 2).await;
-    assert_eq!(parked.len(), 2, "{parked:?}");
+    let parked = fx.db.wait_parked(group, 3).await;
+    assert_eq!(parked.len(), 3, "{parked:?}");
     fx.wait_settled(group).await;
     let report = handle.shutdown().await;
 
-    assert_eq!((report.parked, report.handled), (2, 2), "{report:?}");
+    assert_eq!((report.parked, report.handled), (3, 2), "{report:?}");
     assert!(parked.iter().all(|p| p.event.is_none() && p.attempts == 0));
     assert!(parked.iter().all(|p| p.consumer == group));
     // Undecodable messages have no ordering key: they may be parked in
@@ -449,6 +461,11 @@ async fn an_undecodable_message_is_parked_with_its_bytes_and_acked() {
     let reason = &by_raw(&broken).reason;
     assert!(
         reason.starts_with("undecodable message: ") && reason.contains("is not a valid event"),
+        "{reason}"
+    );
+    let reason = &by_raw(&future).reason;
+    assert!(
+        reason.starts_with("undecodable message: ") && reason.contains("ce-specversion"),
         "{reason}"
     );
 }
