@@ -1,8 +1,9 @@
-//! [`MqttError`]: why a publisher could not be built.
+//! [`MqttError`]: why a publisher or a consumer source could not be built.
 
 use proclaim_core::{BoxError, ConfigError};
 
-/// Why [`MqttPublisher::connect`](crate::MqttPublisher::connect) failed.
+/// Why [`MqttPublisher::connect`](crate::MqttPublisher::connect) or
+/// [`MqttSource::connect`](crate::MqttSource::connect) failed.
 /// Each message is one line naming the broker; URLs have their credentials
 /// hidden.
 #[derive(Debug, thiserror::Error)]

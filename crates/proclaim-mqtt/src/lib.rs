@@ -41,6 +41,14 @@
 //!
 //! Plain TCP only (`mqtt://`): the crate is built without a TLS backend.
 //!
+//! # Consuming
+//!
+//! [`MqttSource`] is the [`Source`](proclaim_core::consumer::Source) of
+//! proclaim's consumer runtime for these events: one MQTT 5 shared
+//! subscription (`$share/<group>/<filter>`) per consumer group, a persistent
+//! session per instance, and manual acks sent only after the handler
+//! committed; see its docs for the delivery, order and broker caveats.
+//!
 //! ```no_run
 //! use proclaim_mqtt::{ContentMode, MqttConfig, MqttPublisher, decode_publish};
 //!
@@ -68,6 +76,8 @@
 //! ```
 
 mod config;
+mod connection;
+mod consumer;
 mod decode;
 mod encode;
 mod error;
@@ -76,6 +86,7 @@ mod topic;
 mod url;
 
 pub use config::{ContentMode, MqttConfig};
+pub use consumer::{MqttSource, MqttSourceConfig};
 pub use decode::{DecodeError, decode_publish, dedup_id};
 pub use error::MqttError;
 pub use publisher::MqttPublisher;

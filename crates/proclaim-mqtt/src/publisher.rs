@@ -29,18 +29,17 @@ use std::time::Duration;
 use bytes::Bytes;
 use proclaim_core::{CancellationToken, OutboxRecord, PublishError, Publisher};
 use rumqttc::Outgoing;
+use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{
     ConnAck, Packet, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, Publish,
     PublishProperties,
 };
-use rumqttc::v5::mqttbytes::{Error as MqttBytesError, QoS};
-use rumqttc::v5::{
-    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Request, StateError,
-};
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions, Request};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot, watch};
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use crate::connection::{ceil_secs, describe, poll};
 use crate::encode::encode;
 use crate::{MqttConfig, MqttError, TopicTemplate};
 
@@ -729,33 +728,6 @@ impl Driver {
     }
 }
 
-/// Polls the event loop; while disconnected the poll is a connection
-/// attempt, bounded by `connect_timeout` (dropping it then is safe: rumqttc
-/// has no connection to lose).
-async fn poll(
-    eventloop: &mut EventLoop,
-    connected: bool,
-    connect_timeout: Duration,
-) -> Result<Event, String> {
-    if connected {
-        eventloop
-            .poll()
-            .await
-            .map_err(|e| describe(&e, connect_timeout))
-    } else {
-        match tokio::time::timeout(connect_timeout, eventloop.poll()).await {
-            Ok(result) => result.map_err(|e| describe(&e, connect_timeout)),
-            Err(_) => Err(format!("connecting timed out after {connect_timeout:?}")),
-        }
-    }
-}
-
-/// Whole seconds, rounded up, at least 1 (rumqttc's connection timeout unit).
-fn ceil_secs(d: Duration) -> u64 {
-    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
-    secs.max(1)
-}
-
 /// The size of the PUBLISH packet as sent.
 fn packet_size(topic: &str, qos: QoS, payload: &Bytes, properties: &PublishProperties) -> usize {
     let mut publish = Publish::new(topic, qos, payload.clone(), Some(properties.clone()));
@@ -823,46 +795,6 @@ fn refusal(
         None => format!("{packet} {code:?}"),
     };
     Failure::Refused { reason, permanent }
-}
-
-/// A one-line reason for a failed connection.
-fn describe(err: &ConnectionError, timeout: Duration) -> String {
-    match err {
-        ConnectionError::Io(io)
-        | ConnectionError::MqttState(
-            StateError::Io(io) | StateError::Deserialization(MqttBytesError::Io(io)),
-        ) => io_reason(io),
-        ConnectionError::Timeout(_) => format!("timed out after {timeout:?}"),
-        ConnectionError::ConnectionRefused(code) => {
-            format!("the broker refused the connection ({code:?})")
-        }
-        ConnectionError::MqttState(StateError::ConnectionAborted) => {
-            "the broker closed the connection".into()
-        }
-        ConnectionError::MqttState(StateError::AwaitPingResp) => {
-            "the broker did not answer a keep-alive ping".into()
-        }
-        ConnectionError::MqttState(StateError::ServerDisconnect {
-            reason_code,
-            reason_string,
-        }) => match reason_string {
-            Some(text) => format!("the broker disconnected ({reason_code:?}: {text})"),
-            None => format!("the broker disconnected ({reason_code:?})"),
-        },
-        ConnectionError::NotConnAck(packet) => {
-            format!("the broker answered {packet:?} instead of CONNACK")
-        }
-        other => other.to_string(),
-    }
-}
-
-fn io_reason(io: &std::io::Error) -> String {
-    // OS errors read best by kind ("connection refused").
-    if io.raw_os_error().is_some() {
-        io.kind().to_string()
-    } else {
-        io.to_string()
-    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,9 @@
 //! Integration tests against a real MQTT 5 broker (Mosquitto,
 //! `PROCLAIM_TEST_MQTT_ADDR`, default `127.0.0.1:1883`). Each test uses
 //! topics under a prefix of its own, so tests run in parallel; MQTT keeps
-//! nothing for them once their clients disconnect (retain is off).
+//! nothing for them once their clients disconnect (retain is off). The
+//! consumer tests create persistent sessions, then end each one and check
+//! that the broker kept nothing for it.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::net::SocketAddr;
@@ -20,6 +22,7 @@ use proclaim_testkit::proxy::{FaultMode, FaultProxy};
 use proclaim_testkit::{eventually, unique_suffix};
 
 mod conformance;
+mod consumer;
 
 /// The broker's address.
 pub fn broker_addr() -> SocketAddr {
