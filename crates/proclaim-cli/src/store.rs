@@ -4,9 +4,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use proclaim::inbox::ParkedEvents;
-use proclaim::redact_url;
 use proclaim::mysql::{MySqlInbox, MySqlInboxOptions, MySqlOutbox, MySqlOutboxOptions};
 use proclaim::postgres::{PgInbox, PgInboxOptions, PgOutbox, PgOutboxOptions};
+use proclaim::redact_url;
 use proclaim::sqlite::{SqliteInbox, SqliteInboxOptions, SqliteOutbox, SqliteOutboxOptions};
 use sqlx::mysql::MySqlPoolOptions;
 use sqlx::postgres::PgPoolOptions;

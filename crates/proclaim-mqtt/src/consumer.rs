@@ -1280,8 +1280,8 @@ fn expiry_secs(d: Duration) -> u32 {
 
 #[cfg(test)]
 mod tests {
-    use rumqttc::v5::{MqttState, StateError};
     use rumqttc::v5::mqttbytes::v5::PubRel;
+    use rumqttc::v5::{MqttState, StateError};
 
     use super::*;
 
