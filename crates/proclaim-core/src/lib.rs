@@ -22,6 +22,7 @@ mod event;
 pub mod fanout;
 pub mod inbox;
 pub mod local;
+pub mod projector;
 mod publisher;
 mod record;
 mod redact;

@@ -45,6 +45,7 @@
 //! # Ok(()) }
 //! ```
 
+mod checkpoint;
 mod error;
 mod ident;
 mod inbox;
@@ -52,6 +53,9 @@ mod options;
 mod outbox;
 mod sql;
 
+pub use checkpoint::{
+    MySqlCheckpointOptions, MySqlCheckpointTx, MySqlCheckpoints, projection_error,
+};
 pub use inbox::{MAX_CONSUMER_LEN, MySqlInbox, MySqlInboxOptions, MySqlInboxTx};
 pub use options::MySqlOutboxOptions;
 pub use outbox::{MAX_CLAIM, MySqlOutbox, SCHEMA_VERSION, SUBJECT_LOCK_SLOTS};

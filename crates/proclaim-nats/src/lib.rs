@@ -36,6 +36,7 @@ mod decode;
 mod error;
 mod headers;
 mod publisher;
+pub mod replay;
 pub mod request;
 mod subject;
 
@@ -44,5 +45,6 @@ pub use consumer::{JetStreamSource, JetStreamSourceConfig, JetStreamSourceError}
 pub use decode::{DecodeError, decode_message};
 pub use error::NatsError;
 pub use publisher::NatsPublisher;
+pub use replay::{JetStreamReplay, JetStreamReplayConfig};
 pub use request::{DEFAULT_REQUEST_PREFIX, NatsRequests};
 pub use subject::{InvalidSubject, SubjectTemplate};

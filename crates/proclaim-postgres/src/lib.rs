@@ -25,6 +25,7 @@
 //! handled in the handler's own transaction (an exactly-once effect) and
 //! keeps the events consumers park.
 
+mod checkpoint;
 mod error;
 mod floor;
 mod ident;
@@ -33,6 +34,7 @@ mod options;
 mod outbox;
 mod sql;
 
+pub use checkpoint::{PgCheckpointOptions, PgCheckpointTx, PgCheckpoints, projection_error};
 pub use inbox::{PgInbox, PgInboxOptions, PgInboxTx};
 pub use options::PgOutboxOptions;
 pub use outbox::{PgOutbox, SCHEMA_VERSION};

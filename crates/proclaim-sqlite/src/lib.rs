@@ -44,6 +44,7 @@
 //! # Ok(()) }
 //! ```
 
+mod checkpoint;
 mod error;
 mod ident;
 mod inbox;
@@ -52,6 +53,10 @@ mod outbox;
 mod sql;
 mod wake;
 
+pub use checkpoint::{
+    DEFAULT_CHECKPOINT_TABLE, SqliteCheckpointOptions, SqliteCheckpointTx, SqliteCheckpoints,
+    projection_error,
+};
 pub use inbox::{DEFAULT_INBOX_TABLE, SqliteInbox, SqliteInboxOptions, SqliteInboxTx};
 pub use options::{DEFAULT_TABLE, SqliteOutboxOptions};
 pub use outbox::{SCHEMA_VERSION, SqliteOutbox};

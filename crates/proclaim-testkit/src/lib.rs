@@ -14,6 +14,7 @@ pub mod mysql;
 pub mod nats;
 pub mod net;
 pub mod pg;
+pub mod projector_conformance;
 pub mod publisher;
 pub mod publisher_conformance;
 mod wait;

@@ -8,7 +8,7 @@
 //!
 //! - **Ack after the effect.** A message is acknowledged only after its
 //!   handler returned `Ok`; the handler commits its own transaction first
-//!   (with an [`Inbox`](crate::inbox::Inbox) row, which makes redeliveries
+//!   (with an [`Inbox`] row, which makes redeliveries
 //!   harmless). A consumer that dies mid-handling leaves the message
 //!   unacknowledged and the broker delivers it again.
 //! - **Per-subject order.** Messages of one subject (the ordering key) are

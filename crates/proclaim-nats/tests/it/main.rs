@@ -14,6 +14,7 @@ use proclaim_testkit::net::SilentServer;
 
 mod conformance;
 mod consumer;
+mod projector;
 mod request;
 
 fn config_for(ts: &TestStream) -> NatsConfig {

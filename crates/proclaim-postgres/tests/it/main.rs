@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod inbox;
+mod projector;
 
 use std::time::Duration;
 

@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod inbox;
+mod projector;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
