@@ -1,6 +1,7 @@
 //! Helpers shared by the store crates (PostgreSQL, SQLite, MySQL): checked
 //! SQL identifiers, a stable hash for lock keys, the text stored with a
-//! failed event, and the inbox's parked rows and commit check. Application
+//! failed event, the inbox's parked rows and commit check, and the
+//! transaction wrappers' access to their connection. Application
 //! code does not need this module.
 
 use crate::{Event, StoreError};
@@ -50,6 +51,56 @@ impl Identifier {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// `<name>_<suffix>`, the name of a helper table or index, cut and made
+    /// unique with a hash when longer than `max_len`, the longest name the
+    /// database keeps (it would cut a longer one silently, and two names
+    /// could meet).
+    pub fn with_suffix(&self, suffix: &str, max_len: usize) -> String {
+        let name = self.as_str();
+        let full = format!("{name}_{suffix}");
+        if full.len() <= max_len {
+            return full;
+        }
+        let hash = format!("{:08x}", fnv1a(&[name]) as u32);
+        let keep = max_len.saturating_sub(hash.len() + suffix.len() + 2);
+        format!("{}_{hash}_{suffix}", &name[..keep])
+    }
+}
+
+/// Gives a store's transaction wrapper (a struct whose field `tx` is the
+/// open `sqlx::Transaction`) `Deref`/`DerefMut` to the connection, so
+/// statements run as `query.execute(&mut *tx)`, and a `transaction()`
+/// accessor for APIs that take the `sqlx::Transaction` itself:
+/// `tx_wrapper!(PgInboxTx: Transaction<'static, Postgres> => PgConnection);`
+#[doc(inline)]
+pub use crate::__store_tx_wrapper as tx_wrapper;
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __store_tx_wrapper {
+    ($wrapper:ident : $tx:ty => $conn:ty) => {
+        impl $wrapper {
+            /// The open transaction, for APIs that take a `sqlx::Transaction`.
+            pub fn transaction(&mut self) -> &mut $tx {
+                &mut self.tx
+            }
+        }
+
+        impl ::std::ops::Deref for $wrapper {
+            type Target = $conn;
+
+            fn deref(&self) -> &$conn {
+                &self.tx
+            }
+        }
+
+        impl ::std::ops::DerefMut for $wrapper {
+            fn deref_mut(&mut self) -> &mut $conn {
+                &mut self.tx
+            }
+        }
+    };
 }
 
 /// 32-bit FNV-1a over `parts` (separated, so `["ab","c"]` ≠ `["a","bc"]`):
@@ -83,6 +134,27 @@ pub fn clip_error(error: &str) -> String {
         out.push('…');
     }
     out
+}
+
+/// A projection's checkpoint position as read from its `BIGINT` column; a
+/// negative one is a [`StoreError::Database`].
+pub fn position_from_stored(projection: &str, position: i64) -> Result<u64, StoreError> {
+    u64::try_from(position).map_err(|_| {
+        StoreError::Database(
+            format!("projection {projection:?} has a negative checkpoint ({position})").into(),
+        )
+    })
+}
+
+/// A checkpoint position as its `BIGINT` column stores it; one above
+/// `i64::MAX` is a [`StoreError::Config`].
+pub fn position_to_stored(position: u64) -> Result<i64, StoreError> {
+    i64::try_from(position).map_err(|_| {
+        StoreError::Config(format!(
+            "checkpoint position {position} is above the largest one stored ({})",
+            i64::MAX
+        ))
+    })
 }
 
 /// The event's extension attributes as a JSON object, as stores keep them.
@@ -143,6 +215,32 @@ mod tests {
         ] {
             let err = Identifier::parse("table", bad);
             assert!(matches!(err, Err(StoreError::Config(_))), "{bad}: {err:?}");
+        }
+    }
+
+    #[test]
+    fn helper_names_fit_and_stay_distinct() {
+        let short = Identifier::known("outbox");
+        assert_eq!(short.with_suffix("migrations", 64), "outbox_migrations");
+        let long_a = Identifier::known(&"a".repeat(63));
+        let long_b = Identifier::known(&format!("{}b", "a".repeat(62)));
+        // MySQL keeps 64 characters, PostgreSQL 63.
+        for max_len in [63, 64] {
+            for suffix in [
+                "migrations",
+                "claim_lock",
+                "subject_locks",
+                "parked",
+                "handled_idx",
+                "parked_consumer_idx",
+            ] {
+                let a = long_a.with_suffix(suffix, max_len);
+                let b = long_b.with_suffix(suffix, max_len);
+                assert!(a.len() <= max_len && b.len() <= max_len, "{a} / {b}");
+                assert!(a.ends_with(suffix));
+                assert_ne!(a, b);
+                assert_ne!(a, long_a.as_str());
+            }
         }
     }
 

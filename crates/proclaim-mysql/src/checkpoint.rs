@@ -17,22 +17,22 @@
 //! still is: after such a rollback the token is gone, the advance fails,
 //! and the batch is reported as failed instead of committed as applied.
 
-use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use proclaim_core::StoreError;
 use proclaim_core::projector::{Checkpoint, CheckpointStore, CheckpointTx, ProjectionError};
+use proclaim_core::store_support::{position_from_stored, position_to_stored, tx_wrapper};
 use sqlx::mysql::MySqlPool;
 use sqlx::{AssertSqlSafe, MySql, MySqlConnection, Transaction};
 use uuid::Uuid;
 
 use crate::error::classify;
-use crate::ident::{Ident, fnv1a};
+use crate::ident::{Ident, check_name_len};
+use crate::migrate_lock::{execute_all, with_migrate_lock};
 
 /// Longest projection name the table keeps (characters).
 const MAX_PROJECTION_LEN: usize = 255;
-const MIGRATE_LOCK_WAIT_SECS: i64 = 60;
 const BEGIN_READ_COMMITTED: &str =
     "SET TRANSACTION ISOLATION LEVEL READ COMMITTED; START TRANSACTION";
 
@@ -224,77 +224,24 @@ impl MySqlCheckpoints {
     /// Creates the checkpoint table. Safe to run repeatedly and
     /// concurrently: runs are serialized by a named lock (`GET_LOCK`).
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        let mut conn = self.pool.acquire().await.map_err(classify)?;
-        // GET_LOCK belongs to the session: should this future be dropped half
-        // way, closing the connection (not pooling it) releases the lock.
-        conn.close_on_drop();
-        let database: Option<String> = sqlx::query_scalar("SELECT DATABASE()")
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(classify)?;
-        let database = database.ok_or_else(|| {
-            StoreError::Config(
-                "the MySQL connection URL names no database (mysql://host/<database>)".into(),
-            )
-        })?;
-        let lock = format!(
-            "proclaim-checkpoints-migrate-{:08x}",
-            fnv1a(&[&database, self.table.as_str()]) as u32
-        );
-        let got: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK(?, ?)")
-            .bind(&lock)
-            .bind(MIGRATE_LOCK_WAIT_SECS)
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(classify)?;
-        if got != Some(1) {
-            return Err(StoreError::Unavailable(
-                format!(
-                    "another migration of checkpoint table {} held the lock {lock:?} for more than {MIGRATE_LOCK_WAIT_SECS}s",
-                    self.sql.quoted
-                )
-                .into(),
-            ));
-        }
-        let result = sqlx::raw_sql(AssertSqlSafe(self.sql.create.clone()))
-            .execute(&mut *conn)
-            .await
-            .map(|_| ())
-            .map_err(classify);
-        let released = sqlx::query("SELECT RELEASE_LOCK(?)")
-            .bind(&lock)
-            .execute(&mut *conn)
-            .await;
-        result?;
-        released.map_err(classify)?;
+        let database = with_migrate_lock(
+            &self.pool,
+            "proclaim-checkpoints-migrate",
+            &self.table,
+            format!("checkpoint table {}", self.sql.quoted),
+            async |conn| execute_all(conn, std::slice::from_ref(&self.sql.create)).await,
+        )
+        .await?;
         tracing::debug!(database, table = %self.sql.quoted, "checkpoint table ready");
         Ok(())
     }
-}
-
-fn check_projection(projection: &str) -> Result<(), StoreError> {
-    if projection.chars().count() > MAX_PROJECTION_LEN {
-        return Err(StoreError::Config(format!(
-            "projection name {:?}… is longer than {MAX_PROJECTION_LEN} characters",
-            projection.chars().take(40).collect::<String>()
-        )));
-    }
-    Ok(())
-}
-
-fn stored_position(projection: &str, position: i64) -> Result<u64, StoreError> {
-    u64::try_from(position).map_err(|_| {
-        StoreError::Database(
-            format!("projection {projection:?} has a negative checkpoint ({position})").into(),
-        )
-    })
 }
 
 impl CheckpointStore for MySqlCheckpoints {
     type Tx = MySqlCheckpointTx;
 
     async fn begin(&self, projection: &str) -> Result<MySqlCheckpointTx, StoreError> {
-        check_projection(projection)?;
+        check_name_len("projection", projection, MAX_PROJECTION_LEN)?;
         let token = Uuid::new_v4().simple().to_string();
         let mut tx = self
             .pool
@@ -326,7 +273,7 @@ impl CheckpointStore for MySqlCheckpoints {
         Ok(MySqlCheckpointTx {
             tx,
             projection: projection.to_owned(),
-            position: stored_position(projection, position)?,
+            position: position_from_stored(projection, position)?,
             token,
             update: self.sql.update.clone(),
         })
@@ -338,7 +285,7 @@ impl CheckpointStore for MySqlCheckpoints {
             .fetch_optional(&self.pool)
             .await
             .map_err(classify)?;
-        position.map_or(Ok(0), |p| stored_position(projection, p))
+        position.map_or(Ok(0), |p| position_from_stored(projection, p))
     }
 
     async fn checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError> {
@@ -350,7 +297,7 @@ impl CheckpointStore for MySqlCheckpoints {
         rows.into_iter()
             .map(|(projection, position, updated_at)| {
                 Ok(Checkpoint {
-                    position: stored_position(&projection, position)?,
+                    position: position_from_stored(&projection, position)?,
                     projection,
                     updated_at,
                 })
@@ -383,26 +330,8 @@ impl std::fmt::Debug for MySqlCheckpointTx {
     }
 }
 
-impl MySqlCheckpointTx {
-    /// The open transaction, for APIs that take a `sqlx::Transaction`.
-    pub fn transaction(&mut self) -> &mut Transaction<'static, MySql> {
-        &mut self.tx
-    }
-}
-
-impl Deref for MySqlCheckpointTx {
-    type Target = MySqlConnection;
-
-    fn deref(&self) -> &MySqlConnection {
-        &self.tx
-    }
-}
-
-impl DerefMut for MySqlCheckpointTx {
-    fn deref_mut(&mut self) -> &mut MySqlConnection {
-        &mut self.tx
-    }
-}
+// `Deref`/`DerefMut` to the connection, and `transaction()`.
+tx_wrapper!(MySqlCheckpointTx: Transaction<'static, MySql> => MySqlConnection);
 
 impl CheckpointTx for MySqlCheckpointTx {
     fn projection(&self) -> &str {
@@ -417,12 +346,7 @@ impl CheckpointTx for MySqlCheckpointTx {
     /// transaction InnoDB rolled back by itself is reported, not advanced
     /// (see the module docs).
     async fn set_position(&mut self, position: u64) -> Result<(), StoreError> {
-        let stored = i64::try_from(position).map_err(|_| {
-            StoreError::Config(format!(
-                "checkpoint position {position} is above the largest one stored ({})",
-                i64::MAX
-            ))
-        })?;
+        let stored = position_to_stored(position)?;
         let done = sqlx::query(AssertSqlSafe(self.update.clone()))
             .bind(stored)
             .bind(&self.projection)

@@ -8,19 +8,19 @@
 //! on the key's lock until that transaction ends — then it is a duplicate
 //! (the other committed) or it goes ahead (the other rolled back).
 
-use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 use std::time::Duration;
 
 use proclaim_core::inbox::{Inbox, InboxTx, ParkedEvent, ParkedEvents};
-use proclaim_core::store_support::{ParkedRow, clip_error, inbox_pair_gone};
+use proclaim_core::store_support::{ParkedRow, clip_error, inbox_pair_gone, tx_wrapper};
 use proclaim_core::{Event, StoreError};
 use sqlx::mysql::{MySqlPool, MySqlRow};
 use sqlx::{AssertSqlSafe, MySql, MySqlConnection, Row, Transaction};
 use uuid::Uuid;
 
 use crate::error::classify;
-use crate::ident::{Ident, WithSuffix, fnv1a};
+use crate::ident::{Ident, check_name_len, with_suffix};
+use crate::migrate_lock::{execute_all, with_migrate_lock};
 
 /// Longest consumer name, in characters (the key column is `VARCHAR(255)`;
 /// `INSERT IGNORE` would cut a longer one silently, so it is refused).
@@ -29,8 +29,6 @@ pub const MAX_CONSUMER_LEN: usize = 255;
 const CHUNK: usize = 1_000;
 /// Pairs deleted per statement by `purge`.
 const PURGE_CHUNK: i64 = 10_000;
-/// How long `migrate` waits for another process's migration to finish.
-const MIGRATE_LOCK_WAIT_SECS: i64 = 60;
 /// The oldest cut-off `purge` computes, so it stays in the range of
 /// `DATETIME` (a longer `older_than` purges nothing).
 const MAX_AGE: Duration = Duration::from_secs(1000 * 366 * 24 * 3600);
@@ -97,7 +95,7 @@ struct InboxSql {
 impl InboxSql {
     fn new(table: &Ident) -> Self {
         let q = format!("`{}`", table.as_str());
-        let p = format!("`{}`", table.with_suffix("parked"));
+        let p = format!("`{}`", with_suffix(table, "parked"));
         let a = |sql: String| -> Arc<str> { sql.into() };
         InboxSql {
             create: [
@@ -304,68 +302,21 @@ impl MySqlInbox {
     /// DDL statement at once, so runs are serialized with a named lock
     /// (`GET_LOCK`), and each statement is idempotent.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        let mut conn = self.pool.acquire().await.map_err(classify)?;
-        // GET_LOCK belongs to the session: should this future be dropped half
-        // way, closing the connection (not pooling it) releases the lock.
-        conn.close_on_drop();
-        let database: Option<String> = sqlx::query_scalar("SELECT DATABASE()")
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(classify)?;
-        let database = database.ok_or_else(|| {
-            StoreError::Config(
-                "the MySQL connection URL names no database (mysql://host/<database>)".into(),
-            )
-        })?;
-        let lock = format!(
-            "proclaim-inbox-migrate-{:08x}",
-            fnv1a(&[&database, self.table.as_str()]) as u32
-        );
-        let got: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK(?, ?)")
-            .bind(&lock)
-            .bind(MIGRATE_LOCK_WAIT_SECS)
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(classify)?;
-        if got != Some(1) {
-            return Err(StoreError::Unavailable(
-                format!(
-                    "another migration of inbox {} held the lock {lock:?} for more than {MIGRATE_LOCK_WAIT_SECS}s",
-                    self.sql.quoted
-                )
-                .into(),
-            ));
-        }
-        let mut result = Ok(());
-        for statement in &self.sql.create {
-            result = sqlx::raw_sql(AssertSqlSafe(statement.clone()))
-                .execute(&mut *conn)
-                .await
-                .map(|_| ())
-                .map_err(classify);
-            if result.is_err() {
-                break;
-            }
-        }
-        let released = sqlx::query("SELECT RELEASE_LOCK(?)")
-            .bind(&lock)
-            .execute(&mut *conn)
-            .await;
-        result?;
-        released.map_err(classify)?;
+        let database = with_migrate_lock(
+            &self.pool,
+            "proclaim-inbox-migrate",
+            &self.table,
+            format!("inbox {}", self.sql.quoted),
+            async |conn| execute_all(conn, &self.sql.create).await,
+        )
+        .await?;
         tracing::debug!(database, table = %self.sql.quoted, "inbox tables ready");
         Ok(())
     }
 }
 
 fn check_consumer(consumer: &str) -> Result<(), StoreError> {
-    if consumer.chars().count() > MAX_CONSUMER_LEN {
-        return Err(StoreError::Config(format!(
-            "consumer name {:?}… is longer than {MAX_CONSUMER_LEN} characters",
-            consumer.chars().take(40).collect::<String>()
-        )));
-    }
-    Ok(())
+    check_name_len("consumer", consumer, MAX_CONSUMER_LEN)
 }
 
 fn micros(d: Duration) -> i64 {
@@ -604,11 +555,6 @@ impl MySqlInboxTx {
         self.event_id
     }
 
-    /// The open transaction, for APIs that take a `sqlx::Transaction`.
-    pub fn transaction(&mut self) -> &mut Transaction<'static, MySql> {
-        &mut self.tx
-    }
-
     /// The open transaction itself; committing it yourself commits the
     /// inbox pair too.
     pub fn into_transaction(self) -> Transaction<'static, MySql> {
@@ -616,19 +562,8 @@ impl MySqlInboxTx {
     }
 }
 
-impl Deref for MySqlInboxTx {
-    type Target = MySqlConnection;
-
-    fn deref(&self) -> &MySqlConnection {
-        &self.tx
-    }
-}
-
-impl DerefMut for MySqlInboxTx {
-    fn deref_mut(&mut self) -> &mut MySqlConnection {
-        &mut self.tx
-    }
-}
+// `Deref`/`DerefMut` to the connection, and `transaction()`.
+tx_wrapper!(MySqlInboxTx: Transaction<'static, MySql> => MySqlConnection);
 
 impl InboxTx for MySqlInboxTx {
     /// Checks that the pair is still there, then commits. InnoDB rolls the

@@ -49,6 +49,7 @@ mod checkpoint;
 mod error;
 mod ident;
 mod inbox;
+mod migrate_lock;
 mod options;
 mod outbox;
 mod sql;

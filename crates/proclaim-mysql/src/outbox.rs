@@ -15,6 +15,7 @@ use uuid::Uuid;
 
 use crate::error::{classify, error_number};
 use crate::ident::{Ident, fnv1a};
+use crate::migrate_lock::with_migrate_lock;
 use crate::options::MySqlOutboxOptions;
 use crate::sql::Sql;
 use proclaim_core::fanout::Stage;
@@ -37,8 +38,6 @@ const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../migrations/0001_outbox
 const CHUNK: usize = 1_000;
 /// Published rows deleted per statement by `purge_published`.
 const PURGE_CHUNK: i64 = 10_000;
-/// How long `migrate` waits for another process's migration to finish.
-const MIGRATE_LOCK_WAIT_SECS: i64 = 60;
 /// Longest retry delay or lease stored (longer ones are cut to this), so a
 /// time never leaves the range of `DATETIME`.
 const MAX_INTERVAL: Duration = Duration::from_secs(10 * 366 * 24 * 3600);
@@ -144,45 +143,14 @@ impl MySqlOutbox {
     /// serialized with a named lock (`GET_LOCK`) instead of a transaction,
     /// and each step is idempotent should a migration be interrupted.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        let mut conn = self.pool.acquire().await.map_err(classify)?;
-        // GET_LOCK belongs to the session: should this future be dropped half
-        // way, closing the connection (not pooling it) releases the lock.
-        conn.close_on_drop();
-        let database: Option<String> = sqlx::query_scalar("SELECT DATABASE()")
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(classify)?;
-        let database = database.ok_or_else(|| {
-            StoreError::Config(
-                "the MySQL connection URL names no database (mysql://host/<database>)".into(),
-            )
-        })?;
-        let lock = format!(
-            "proclaim-migrate-{:08x}",
-            fnv1a(&[&database, self.table.as_str()]) as u32
-        );
-        let got: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK(?, ?)")
-            .bind(&lock)
-            .bind(MIGRATE_LOCK_WAIT_SECS)
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(classify)?;
-        if got != Some(1) {
-            return Err(StoreError::Unavailable(
-                format!(
-                    "another migration of {} held the lock {lock:?} for more than {MIGRATE_LOCK_WAIT_SECS}s",
-                    self.describe_table()
-                )
-                .into(),
-            ));
-        }
-        let result = self.migrate_locked(&mut conn).await;
-        let released = sqlx::query("SELECT RELEASE_LOCK(?)")
-            .bind(&lock)
-            .execute(&mut *conn)
-            .await;
-        result?;
-        released.map_err(classify)?;
+        with_migrate_lock(
+            &self.pool,
+            "proclaim-migrate",
+            &self.table,
+            self.describe_table(),
+            async |conn| self.migrate_locked(conn).await,
+        )
+        .await?;
         Ok(())
     }
 

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use crate::ident::{Ident, WithSuffix};
+use crate::ident::{Ident, with_suffix};
 
 /// Columns written by `enqueue`, in bind order.
 const COLUMNS: &str = "id, event_type, source, subject, event_time, datacontenttype, dataschema, data, metadata, created_at";
@@ -37,9 +37,9 @@ impl Sql {
     pub(crate) fn new(table: &Ident) -> Self {
         let t = table.as_str();
         let q = format!("`{t}`");
-        let migrations = table.with_suffix("migrations");
-        let claim_lock = table.with_suffix("claim_lock");
-        let subject_locks = table.with_suffix("subject_locks");
+        let migrations = with_suffix(table, "migrations");
+        let claim_lock = with_suffix(table, "claim_lock");
+        let subject_locks = with_suffix(table, "subject_locks");
         let a = |sql: String| -> Arc<str> { sql.into() };
         Sql {
             insert_one: a(format!("INSERT INTO {q} ({COLUMNS}) VALUES {ROW}")),

@@ -8,17 +8,18 @@
 //! Projections with different names lock different rows and run side by
 //! side.
 
-use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use proclaim_core::StoreError;
 use proclaim_core::projector::{Checkpoint, CheckpointStore, CheckpointTx, ProjectionError};
+use proclaim_core::store_support::{position_from_stored, position_to_stored, tx_wrapper};
 use sqlx::postgres::PgPool;
 use sqlx::{AssertSqlSafe, PgConnection, Postgres, Transaction};
 
 use crate::error::classify;
-use crate::ident::{Ident, fnv1a};
+use crate::ident::{Ident, fnv1a, parse_names};
+use crate::migrate::migrate_locked;
 
 /// Options of [`PgCheckpoints`].
 ///
@@ -64,9 +65,7 @@ impl PgCheckpointOptions {
     /// `_`, not starting with a digit; anything else is a
     /// [`StoreError::Config`].
     pub fn validate(&self) -> Result<(), StoreError> {
-        Ident::parse("schema", &self.schema)?;
-        Ident::parse("table", &self.table)?;
-        Ok(())
+        parse_names(&self.schema, &self.table).map(|_| ())
     }
 }
 
@@ -208,8 +207,7 @@ impl PgCheckpoints {
     /// identifiers are a [`StoreError::Config`], so they can never inject
     /// SQL.
     pub fn with_options(pool: PgPool, options: PgCheckpointOptions) -> Result<Self, StoreError> {
-        let schema = Ident::parse("schema", &options.schema)?;
-        let table = Ident::parse("table", &options.table)?;
+        let (schema, table) = parse_names(&options.schema, &options.table)?;
         Ok(Self::build(pool, &schema, &table))
     }
 
@@ -233,28 +231,10 @@ impl PgCheckpoints {
     /// Creates the schema and the checkpoint table. Safe to run repeatedly
     /// and concurrently (runs are serialized by an advisory lock).
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await.map_err(classify)?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(self.sql.migrate_lock)
-            .execute(&mut *tx)
-            .await
-            .map_err(classify)?;
-        sqlx::raw_sql(AssertSqlSafe(self.sql.migrate.clone()))
-            .execute(&mut *tx)
-            .await
-            .map_err(classify)?;
-        tx.commit().await.map_err(classify)?;
+        migrate_locked(&self.pool, self.sql.migrate_lock, &self.sql.migrate).await?;
         tracing::debug!(table = %self.sql.qualified, "checkpoint table ready");
         Ok(())
     }
-}
-
-fn stored_position(projection: &str, position: i64) -> Result<u64, StoreError> {
-    u64::try_from(position).map_err(|_| {
-        StoreError::Database(
-            format!("projection {projection:?} has a negative checkpoint ({position})").into(),
-        )
-    })
 }
 
 impl CheckpointStore for PgCheckpoints {
@@ -286,7 +266,7 @@ impl CheckpointStore for PgCheckpoints {
         Ok(PgCheckpointTx {
             tx,
             projection: projection.to_owned(),
-            position: stored_position(projection, position)?,
+            position: position_from_stored(projection, position)?,
             update: self.sql.update.clone(),
         })
     }
@@ -297,7 +277,7 @@ impl CheckpointStore for PgCheckpoints {
             .fetch_optional(&self.pool)
             .await
             .map_err(classify)?;
-        position.map_or(Ok(0), |p| stored_position(projection, p))
+        position.map_or(Ok(0), |p| position_from_stored(projection, p))
     }
 
     async fn checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError> {
@@ -309,7 +289,7 @@ impl CheckpointStore for PgCheckpoints {
         rows.into_iter()
             .map(|(projection, position, updated_at)| {
                 Ok(Checkpoint {
-                    position: stored_position(&projection, position)?,
+                    position: position_from_stored(&projection, position)?,
                     projection,
                     updated_at,
                 })
@@ -341,26 +321,8 @@ impl std::fmt::Debug for PgCheckpointTx {
     }
 }
 
-impl PgCheckpointTx {
-    /// The open transaction, for APIs that take a `sqlx::Transaction`.
-    pub fn transaction(&mut self) -> &mut Transaction<'static, Postgres> {
-        &mut self.tx
-    }
-}
-
-impl Deref for PgCheckpointTx {
-    type Target = PgConnection;
-
-    fn deref(&self) -> &PgConnection {
-        &self.tx
-    }
-}
-
-impl DerefMut for PgCheckpointTx {
-    fn deref_mut(&mut self) -> &mut PgConnection {
-        &mut self.tx
-    }
-}
+// `Deref`/`DerefMut` to the connection, and `transaction()`.
+tx_wrapper!(PgCheckpointTx: Transaction<'static, Postgres> => PgConnection);
 
 impl CheckpointTx for PgCheckpointTx {
     fn projection(&self) -> &str {
@@ -375,12 +337,7 @@ impl CheckpointTx for PgCheckpointTx {
     /// update then fails too, so a batch whose writes were lost is never
     /// committed as applied.
     async fn set_position(&mut self, position: u64) -> Result<(), StoreError> {
-        let stored = i64::try_from(position).map_err(|_| {
-            StoreError::Config(format!(
-                "checkpoint position {position} is above the largest one stored ({})",
-                i64::MAX
-            ))
-        })?;
+        let stored = position_to_stored(position)?;
         let done = sqlx::query(AssertSqlSafe(self.update.clone()))
             .bind(&self.projection)
             .bind(stored)

@@ -8,22 +8,20 @@
 //! on the unique index until that transaction ends — then it is a duplicate
 //! (the other committed) or it goes ahead (the other rolled back).
 
-use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 use std::time::Duration;
 
 use proclaim_core::inbox::{Inbox, InboxTx, ParkedEvent, ParkedEvents};
-use proclaim_core::store_support::{ParkedRow, clip_error, inbox_pair_gone};
+use proclaim_core::store_support::{ParkedRow, clip_error, inbox_pair_gone, tx_wrapper};
 use proclaim_core::{Event, StoreError};
 use sqlx::postgres::{PgPool, PgRow};
 use sqlx::{AssertSqlSafe, PgConnection, Postgres, Row, Transaction};
 use uuid::Uuid;
 
 use crate::error::classify;
-use crate::ident::{Ident, fnv1a};
+use crate::ident::{Ident, fnv1a, parse_names, with_suffix};
+use crate::migrate::migrate_locked;
 
-/// PostgreSQL's longest identifier (longer ones are cut silently).
-const MAX_PG_IDENT: usize = 63;
 /// The oldest cut-off `purge` computes (a longer `older_than` purges nothing).
 const MAX_AGE: Duration = Duration::from_secs(1000 * 366 * 24 * 3600);
 
@@ -69,23 +67,8 @@ impl PgInboxOptions {
     /// `_`, not starting with a digit; anything else is a
     /// [`StoreError::Config`].
     pub fn validate(&self) -> Result<(), StoreError> {
-        Ident::parse("schema", &self.schema)?;
-        Ident::parse("table", &self.table)?;
-        Ok(())
+        parse_names(&self.schema, &self.table).map(|_| ())
     }
-}
-
-/// `<name>_<suffix>`, cut and made unique with a hash when longer than
-/// PostgreSQL keeps (it would cut it silently, and two names could meet).
-fn with_suffix(name: &Ident, suffix: &str) -> String {
-    let name = name.as_str();
-    let full = format!("{name}_{suffix}");
-    if full.len() <= MAX_PG_IDENT {
-        return full;
-    }
-    let hash = format!("{:08x}", fnv1a(&[name]) as u32);
-    let keep = MAX_PG_IDENT.saturating_sub(hash.len() + suffix.len() + 2);
-    format!("{}_{hash}_{suffix}", &name[..keep])
 }
 
 /// The statements of one inbox, built once with its checked names.
@@ -259,8 +242,7 @@ impl PgInbox {
     /// characters of `a-z`, `0-9` and `_`, not starting with a digit;
     /// anything else is a [`StoreError::Config`], so names can never inject SQL.
     pub fn with_options(pool: PgPool, options: PgInboxOptions) -> Result<Self, StoreError> {
-        let schema = Ident::parse("schema", &options.schema)?;
-        let table = Ident::parse("table", &options.table)?;
+        let (schema, table) = parse_names(&options.schema, &options.table)?;
         Ok(Self::build(pool, &schema, &table))
     }
 
@@ -290,17 +272,7 @@ impl PgInbox {
     /// with their indexes. Safe to run repeatedly and concurrently (runs
     /// are serialized by an advisory lock).
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await.map_err(classify)?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(self.sql.migrate_lock)
-            .execute(&mut *tx)
-            .await
-            .map_err(classify)?;
-        sqlx::raw_sql(AssertSqlSafe(self.sql.migrate.clone()))
-            .execute(&mut *tx)
-            .await
-            .map_err(classify)?;
-        tx.commit().await.map_err(classify)?;
+        migrate_locked(&self.pool, self.sql.migrate_lock, &self.sql.migrate).await?;
         tracing::debug!(table = %self.sql.qualified, "inbox tables ready");
         Ok(())
     }
@@ -490,11 +462,6 @@ impl PgInboxTx {
         self.event_id
     }
 
-    /// The open transaction, for APIs that take a `sqlx::Transaction`.
-    pub fn transaction(&mut self) -> &mut Transaction<'static, Postgres> {
-        &mut self.tx
-    }
-
     /// The open transaction itself; committing it yourself commits the
     /// inbox pair too.
     pub fn into_transaction(self) -> Transaction<'static, Postgres> {
@@ -502,19 +469,8 @@ impl PgInboxTx {
     }
 }
 
-impl Deref for PgInboxTx {
-    type Target = PgConnection;
-
-    fn deref(&self) -> &PgConnection {
-        &self.tx
-    }
-}
-
-impl DerefMut for PgInboxTx {
-    fn deref_mut(&mut self) -> &mut PgConnection {
-        &mut self.tx
-    }
-}
+// `Deref`/`DerefMut` to the connection, and `transaction()`.
+tx_wrapper!(PgInboxTx: Transaction<'static, Postgres> => PgConnection);
 
 impl InboxTx for PgInboxTx {
     /// Checks that the pair is still there, then commits. After a failed
@@ -536,28 +492,5 @@ impl InboxTx for PgInboxTx {
 
     async fn rollback(self) -> Result<(), StoreError> {
         self.tx.rollback().await.map_err(classify)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn helper_names_fit_and_stay_distinct() {
-        let short = Ident::known("inbox");
-        assert_eq!(with_suffix(&short, "parked"), "inbox_parked");
-        let long_a = Ident::known(&"a".repeat(63));
-        let long_b = Ident::known(&format!("{}b", "a".repeat(62)));
-        for suffix in ["parked", "handled_idx", "parked_consumer_idx"] {
-            let (a, b) = (with_suffix(&long_a, suffix), with_suffix(&long_b, suffix));
-            assert!(
-                a.len() <= MAX_PG_IDENT && b.len() <= MAX_PG_IDENT,
-                "{a} / {b}"
-            );
-            assert!(a.ends_with(suffix));
-            assert_ne!(a, b);
-            assert_ne!(a, long_a.as_str());
-        }
     }
 }

@@ -30,6 +30,7 @@ mod error;
 mod floor;
 mod ident;
 mod inbox;
+mod migrate;
 mod options;
 mod outbox;
 mod sql;

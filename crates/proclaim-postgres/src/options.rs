@@ -2,7 +2,7 @@
 
 use proclaim_core::StoreError;
 
-use crate::ident::Ident;
+use crate::ident::parse_names;
 
 /// Options of a [`PgOutbox`](crate::PgOutbox).
 ///
@@ -83,8 +83,6 @@ impl PgOutboxOptions {
     /// Checks schema and table names (see the identifier rules on
     /// [`PgOutbox::with_options`](crate::PgOutbox::with_options)).
     pub fn validate(&self) -> Result<(), StoreError> {
-        Ident::parse("schema", &self.schema)?;
-        Ident::parse("table", &self.table)?;
-        Ok(())
+        parse_names(&self.schema, &self.table).map(|_| ())
     }
 }

@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use crate::error::classify;
 use crate::floor::{ClaimFloor, Observation};
-use crate::ident::{Ident, fnv1a};
+use crate::ident::{Ident, fnv1a, parse_names};
 use crate::options::PgOutboxOptions;
 use crate::sql::Sql;
 use proclaim_core::store_support::{clip_error, metadata_json};
@@ -129,8 +129,7 @@ impl PgOutbox {
     /// characters of `a-z`, `0-9` and `_`, not starting with a digit;
     /// anything else is a [`StoreError::Config`], so names can never inject SQL.
     pub fn with_options(pool: PgPool, options: PgOutboxOptions) -> Result<Self, StoreError> {
-        let schema = Ident::parse("schema", &options.schema)?;
-        let table = Ident::parse("table", &options.table)?;
+        let (schema, table) = parse_names(&options.schema, &options.table)?;
         Ok(Self::build(pool, schema, table, &options))
     }
 

@@ -17,24 +17,22 @@
 //! full disk, an I/O error): the position advances only where the batch's
 //! token still is, so such a batch fails instead of committing as applied.
 
-use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use proclaim_core::StoreError;
 use proclaim_core::projector::{Checkpoint, CheckpointStore, CheckpointTx, ProjectionError};
+use proclaim_core::store_support::{position_from_stored, position_to_stored, tx_wrapper};
 use sqlx::sqlite::SqlitePool;
 use sqlx::{AssertSqlSafe, Sqlite, SqliteConnection, Transaction};
 use uuid::Uuid;
 
 use crate::error::classify;
 use crate::ident::Ident;
+use crate::migrate::{BEGIN_IMMEDIATE, migrate_immediate};
 
 /// The default checkpoint table.
 pub const DEFAULT_CHECKPOINT_TABLE: &str = "proclaim_projector_checkpoints";
-/// A batch takes the write lock up front: it never fails half-way when
-/// upgrading a read to a write, and runners of a projection take turns.
-const BEGIN_IMMEDIATE: &str = "BEGIN IMMEDIATE";
 
 /// Options of [`SqliteCheckpoints`]. SQLite has no schemas: the table lives
 /// in the database the pool opens.
@@ -221,16 +219,7 @@ impl SqliteCheckpoints {
     /// Creates the checkpoint table. Safe to run repeatedly and
     /// concurrently: it runs under `BEGIN IMMEDIATE`, one run at a time.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        let mut tx = self
-            .pool
-            .begin_with(BEGIN_IMMEDIATE)
-            .await
-            .map_err(classify)?;
-        sqlx::raw_sql(AssertSqlSafe(self.sql.migrate.clone()))
-            .execute(&mut *tx)
-            .await
-            .map_err(classify)?;
-        tx.commit().await.map_err(classify)?;
+        migrate_immediate(&self.pool, &self.sql.migrate).await?;
         tracing::debug!(table = %self.sql.quoted, "checkpoint table ready");
         Ok(())
     }
@@ -238,14 +227,6 @@ impl SqliteCheckpoints {
 
 fn now_micros() -> i64 {
     Utc::now().timestamp_micros()
-}
-
-fn stored_position(projection: &str, position: i64) -> Result<u64, StoreError> {
-    u64::try_from(position).map_err(|_| {
-        StoreError::Database(
-            format!("projection {projection:?} has a negative checkpoint ({position})").into(),
-        )
-    })
 }
 
 impl CheckpointStore for SqliteCheckpoints {
@@ -268,7 +249,7 @@ impl CheckpointStore for SqliteCheckpoints {
         Ok(SqliteCheckpointTx {
             tx,
             projection: projection.to_owned(),
-            position: stored_position(projection, position)?,
+            position: position_from_stored(projection, position)?,
             token,
             update: self.sql.update.clone(),
         })
@@ -280,7 +261,7 @@ impl CheckpointStore for SqliteCheckpoints {
             .fetch_optional(&self.pool)
             .await
             .map_err(classify)?;
-        position.map_or(Ok(0), |p| stored_position(projection, p))
+        position.map_or(Ok(0), |p| position_from_stored(projection, p))
     }
 
     async fn checkpoints(&self) -> Result<Vec<Checkpoint>, StoreError> {
@@ -299,7 +280,7 @@ impl CheckpointStore for SqliteCheckpoints {
                     )
                 })?;
                 Ok(Checkpoint {
-                    position: stored_position(&projection, position)?,
+                    position: position_from_stored(&projection, position)?,
                     projection,
                     updated_at,
                 })
@@ -332,26 +313,8 @@ impl std::fmt::Debug for SqliteCheckpointTx {
     }
 }
 
-impl SqliteCheckpointTx {
-    /// The open transaction, for APIs that take a `sqlx::Transaction`.
-    pub fn transaction(&mut self) -> &mut Transaction<'static, Sqlite> {
-        &mut self.tx
-    }
-}
-
-impl Deref for SqliteCheckpointTx {
-    type Target = SqliteConnection;
-
-    fn deref(&self) -> &SqliteConnection {
-        &self.tx
-    }
-}
-
-impl DerefMut for SqliteCheckpointTx {
-    fn deref_mut(&mut self) -> &mut SqliteConnection {
-        &mut self.tx
-    }
-}
+// `Deref`/`DerefMut` to the connection, and `transaction()`.
+tx_wrapper!(SqliteCheckpointTx: Transaction<'static, Sqlite> => SqliteConnection);
 
 impl CheckpointTx for SqliteCheckpointTx {
     fn projection(&self) -> &str {
@@ -365,12 +328,7 @@ impl CheckpointTx for SqliteCheckpointTx {
     /// Advances the row only where this batch's token still is; a
     /// transaction SQLite rolled back by itself is reported, not advanced.
     async fn set_position(&mut self, position: u64) -> Result<(), StoreError> {
-        let stored = i64::try_from(position).map_err(|_| {
-            StoreError::Config(format!(
-                "checkpoint position {position} is above the largest one stored ({})",
-                i64::MAX
-            ))
-        })?;
+        let stored = position_to_stored(position)?;
         let done = sqlx::query(AssertSqlSafe(self.update.clone()))
             .bind(stored)
             .bind(now_micros())

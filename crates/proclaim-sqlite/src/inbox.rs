@@ -8,13 +8,12 @@
 //! commits or rolls back — and inserts its pair with
 //! `ON CONFLICT DO NOTHING`: a pair already there makes it a duplicate.
 
-use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use proclaim_core::inbox::{Inbox, InboxTx, ParkedEvent, ParkedEvents};
-use proclaim_core::store_support::{ParkedRow, clip_error, inbox_pair_gone};
+use proclaim_core::store_support::{ParkedRow, clip_error, inbox_pair_gone, tx_wrapper};
 use proclaim_core::{Event, StoreError};
 use sqlx::sqlite::{SqlitePool, SqliteRow};
 use sqlx::{AssertSqlSafe, Row, Sqlite, SqliteConnection, Transaction};
@@ -22,12 +21,10 @@ use uuid::Uuid;
 
 use crate::error::classify;
 use crate::ident::Ident;
+use crate::migrate::{BEGIN_IMMEDIATE, migrate_immediate};
 
 /// The default inbox table.
 pub const DEFAULT_INBOX_TABLE: &str = "proclaim_inbox";
-/// A handling takes the write lock up front: it never fails half-way when
-/// upgrading a read to a write, and duplicates wait for each other.
-const BEGIN_IMMEDIATE: &str = "BEGIN IMMEDIATE";
 /// Columns of a parked event, in the order `decode_parked` reads them.
 const PARKED_COLUMNS: &str = "id, consumer, event, raw, reason, attempts, parked_at";
 
@@ -275,16 +272,7 @@ impl SqliteInbox {
     /// indexes. Safe to run repeatedly and concurrently: it runs under
     /// `BEGIN IMMEDIATE`, one run at a time.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        let mut tx = self
-            .pool
-            .begin_with(BEGIN_IMMEDIATE)
-            .await
-            .map_err(classify)?;
-        sqlx::raw_sql(AssertSqlSafe(self.sql.migrate.clone()))
-            .execute(&mut *tx)
-            .await
-            .map_err(classify)?;
-        tx.commit().await.map_err(classify)?;
+        migrate_immediate(&self.pool, &self.sql.migrate).await?;
         tracing::debug!(table = %self.sql.quoted, "inbox tables ready");
         Ok(())
     }
@@ -501,11 +489,6 @@ impl SqliteInboxTx {
         self.event_id
     }
 
-    /// The open transaction, for APIs that take a `sqlx::Transaction`.
-    pub fn transaction(&mut self) -> &mut Transaction<'static, Sqlite> {
-        &mut self.tx
-    }
-
     /// The open transaction itself; committing it yourself commits the
     /// inbox pair too.
     pub fn into_transaction(self) -> Transaction<'static, Sqlite> {
@@ -513,19 +496,8 @@ impl SqliteInboxTx {
     }
 }
 
-impl Deref for SqliteInboxTx {
-    type Target = SqliteConnection;
-
-    fn deref(&self) -> &SqliteConnection {
-        &self.tx
-    }
-}
-
-impl DerefMut for SqliteInboxTx {
-    fn deref_mut(&mut self) -> &mut SqliteConnection {
-        &mut self.tx
-    }
-}
+// `Deref`/`DerefMut` to the connection, and `transaction()`.
+tx_wrapper!(SqliteInboxTx: Transaction<'static, Sqlite> => SqliteConnection);
 
 impl InboxTx for SqliteInboxTx {
     /// Checks that the pair is still there, then commits. SQLite rolls the

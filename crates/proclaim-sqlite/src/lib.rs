@@ -48,6 +48,7 @@ mod checkpoint;
 mod error;
 mod ident;
 mod inbox;
+mod migrate;
 mod options;
 mod outbox;
 mod sql;

@@ -21,6 +21,7 @@ use uuid::Uuid;
 
 use crate::error::classify;
 use crate::ident::Ident;
+use crate::migrate::BEGIN_IMMEDIATE;
 use crate::options::SqliteOutboxOptions;
 use crate::sql::Sql;
 use crate::wake::Signal;
@@ -33,9 +34,6 @@ const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../migrations/0001_outbox
 /// How long a statement waits for another connection's write lock before it
 /// fails with `SQLITE_BUSY` (reported as [`StoreError::Unavailable`]).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-/// Claims and outcomes take the write lock up front, so they never fail
-/// half-way when upgrading a read to a write.
-const BEGIN_IMMEDIATE: &str = "BEGIN IMMEDIATE";
 
 /// A transactional outbox in a SQLite table: the embedded, zero-set-up store.
 ///
