@@ -118,7 +118,7 @@ use proclaim_core::{Backoff, BoxError, ConfigError, Event};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::subject::check_tokens;
+use crate::subject::{check_filter, check_tokens};
 use crate::{NatsConfig, NatsError, NatsPublisher, decode_message};
 
 /// How long one pull request waits at the server for messages; then the
@@ -380,27 +380,6 @@ fn check_group(group: &str) -> Result<(), ConfigError> {
         return Err(fail(&format!(
             "contains {c:?} (not allowed in JetStream consumer names)"
         )));
-    }
-    Ok(())
-}
-
-/// Checks a NATS subject filter: tokens separated by `.`, none empty, `>`
-/// only as the last token, no whitespace or control character.
-fn check_filter(filter: &str) -> Result<(), &'static str> {
-    if filter.is_empty() {
-        return Err("is empty");
-    }
-    if filter.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err("contains whitespace or a control character");
-    }
-    let tokens: Vec<&str> = filter.split('.').collect();
-    for (i, token) in tokens.iter().enumerate() {
-        if token.is_empty() {
-            return Err("has an empty token (a leading, trailing or doubled '.')");
-        }
-        if *token == ">" && i + 1 != tokens.len() {
-            return Err("has '>' before its last token");
-        }
     }
     Ok(())
 }

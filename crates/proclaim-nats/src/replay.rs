@@ -59,6 +59,7 @@ use proclaim_core::ConfigError;
 use proclaim_core::projector::{ReplayEntry, ReplayError, ReplaySource};
 use serde::{Deserialize, Serialize};
 
+use crate::subject::check_filter;
 use crate::{NatsConfig, NatsError, NatsPublisher, decode_message};
 
 /// How long the server keeps a reading consumer nobody pulls from.
@@ -141,31 +142,6 @@ impl JetStreamReplayConfig {
         }
         Ok(())
     }
-}
-
-/// Checks a NATS subject filter: tokens separated by `.`, none empty, each
-/// either literal or a whole wildcard (`*`, or `>` as the last token), no
-/// whitespace or control character.
-fn check_filter(filter: &str) -> Result<(), &'static str> {
-    if filter.is_empty() {
-        return Err("is empty");
-    }
-    if filter.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err("contains whitespace or a control character");
-    }
-    let tokens: Vec<&str> = filter.split('.').collect();
-    for (i, token) in tokens.iter().enumerate() {
-        if token.is_empty() {
-            return Err("has an empty token (a leading, trailing or doubled '.')");
-        }
-        if *token == ">" && i + 1 != tokens.len() {
-            return Err("has '>' before its last token");
-        }
-        if token.len() > 1 && token.contains(['*', '>']) {
-            return Err("has a wildcard inside a token (wildcards stand for whole tokens)");
-        }
-    }
-    Ok(())
 }
 
 /// A JetStream stream read as a projector's log ([`ReplaySource`]); see the

@@ -162,9 +162,56 @@ pub(crate) fn check_tokens(value: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// Checks a NATS subject filter: tokens separated by `.`, none empty, each
+/// either literal or a whole wildcard (`*`, or `>` as the last token), no
+/// whitespace or control character.
+pub(crate) fn check_filter(filter: &str) -> Result<(), &'static str> {
+    if filter.is_empty() {
+        return Err("is empty");
+    }
+    if filter.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("contains whitespace or a control character");
+    }
+    let tokens: Vec<&str> = filter.split('.').collect();
+    for (i, token) in tokens.iter().enumerate() {
+        if token.is_empty() {
+            return Err("has an empty token (a leading, trailing or doubled '.')");
+        }
+        if *token == ">" && i + 1 != tokens.len() {
+            return Err("has '>' before its last token");
+        }
+        if token.len() > 1 && token.contains(['*', '>']) {
+            return Err("has a wildcard inside a token (wildcards stand for whole tokens)");
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn filters_take_whole_token_wildcards_only() {
+        for ok in ["proclaim.>", "campaign.*.DonorSecured", "a", "a.b.c"] {
+            assert_eq!(check_filter(ok), Ok(()), "{ok}");
+        }
+        for (bad, why) in [
+            ("", "is empty"),
+            ("a b", "contains whitespace or a control character"),
+            (
+                "a..b",
+                "has an empty token (a leading, trailing or doubled '.')",
+            ),
+            ("a.>.b", "has '>' before its last token"),
+            (
+                "campaign.Donor*",
+                "has a wildcard inside a token (wildcards stand for whole tokens)",
+            ),
+        ] {
+            assert_eq!(check_filter(bad), Err(why), "{bad}");
+        }
+    }
 
     fn event(event_type: &str, subject: &str, source: &str) -> Event {
         match Event::builder(event_type)
