@@ -101,6 +101,10 @@ pub struct ParkedEvent {
 /// inbox.
 pub trait ParkedEvents: Send + Sync + 'static {
     /// Stores a parked event (its `id` is ignored; the store assigns one).
+    /// Idempotent per parking: storing the same value again (a retry whose
+    /// first insert committed) stores nothing more; the same event with
+    /// another `parked_at` is another parking
+    /// ([`park_key`](crate::store_support::park_key)).
     fn park(&self, parked: &ParkedEvent) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Up to `limit` parked events, oldest first, of `consumer` (or of

@@ -180,6 +180,30 @@ mod tests {
     }
 
     #[test]
+    fn a_parking_keeps_its_key_and_other_parkings_differ() {
+        let event = Event::builder("T").subject("s").build().unwrap();
+        let at = chrono::Utc::now();
+        let parked = |event: Option<Event>, raw: &[u8], at| crate::inbox::ParkedEvent {
+            id: 0,
+            consumer: "c".into(),
+            event,
+            raw: raw.to_vec(),
+            reason: "r".into(),
+            attempts: 1,
+            parked_at: at,
+        };
+        let once = parked(Some(event.clone()), b"", at);
+        assert_eq!(park_key(&once), park_key(&once.clone()));
+        assert!(park_key(&once).starts_with(&format!("e:{}:", event.id())));
+        let later = at + chrono::Duration::microseconds(1);
+        assert_ne!(park_key(&once), park_key(&parked(Some(event), b"", later)));
+        let raw = park_key(&parked(None, b"garbage", at));
+        assert_eq!(raw, park_key(&parked(None, b"garbage", at)));
+        assert_ne!(raw, park_key(&parked(None, b"garbagf", at)));
+        assert!(raw.len() <= 80, "{raw}");
+    }
+
+    #[test]
     fn a_parked_row_decodes_its_event_and_json_that_no_longer_decodes_is_listed_as_bytes() {
         let event = Event::builder("T").subject("s").build().unwrap();
         let p = row(Some(&event.to_cloudevent_json()), b"", 3).into_parked_event();
@@ -311,6 +335,28 @@ impl ParkedRow {
             reason: self.reason,
             attempts: u32::try_from(self.attempts.max(0)).unwrap_or(u32::MAX),
             parked_at: self.parked_at,
+        }
+    }
+}
+
+/// The identity of one parking, stored with the parked event under a unique
+/// key (with the consumer): a park that is retried after its insert
+/// committed (the reply was lost, or it timed out) stores nothing twice.
+/// It is the event's id — or a 64-bit hash and the length of an undecodable
+/// message's bytes — and `parked_at` to the microsecond, which the consumer
+/// sets once per parking and keeps across retries; the same event parked
+/// again later (after a replay) is a new parking.
+pub fn park_key(parked: &crate::inbox::ParkedEvent) -> String {
+    let at = parked.parked_at.timestamp_micros();
+    match &parked.event {
+        Some(event) => format!("e:{}:{at}", event.id()),
+        None => {
+            let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+            for byte in &parked.raw {
+                hash ^= u64::from(*byte);
+                hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+            }
+            format!("r:{hash:016x}:{}:{at}", parked.raw.len())
         }
     }
 }

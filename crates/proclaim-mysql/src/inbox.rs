@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use proclaim_core::inbox::{Inbox, InboxTx, ParkedEvent, ParkedEvents};
-use proclaim_core::store_support::{ParkedRow, clip_error, inbox_pair_gone, tx_wrapper};
+use proclaim_core::store_support::{ParkedRow, clip_error, inbox_pair_gone, park_key, tx_wrapper};
 use proclaim_core::{Event, StoreError};
 use sqlx::mysql::{MySqlPool, MySqlRow};
 use sqlx::{AssertSqlSafe, MySql, MySqlConnection, Row, Transaction};
@@ -121,8 +121,10 @@ impl InboxSql {
                        reason    TEXT        NOT NULL, \
                        attempts  INT         NOT NULL DEFAULT 0, \
                        parked_at DATETIME(6) NOT NULL, \
+                       park_key  VARCHAR(100) CHARACTER SET ascii COLLATE ascii_bin NULL, \
                        PRIMARY KEY (id), \
-                       KEY consumer_idx (consumer, id) \
+                       KEY consumer_idx (consumer, id), \
+                       UNIQUE KEY park_key_idx (consumer, park_key) \
                      ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin"
                 ),
             ],
@@ -138,8 +140,8 @@ impl InboxSql {
                  ORDER BY handled_at LIMIT ?"
             )),
             park: a(format!(
-                "INSERT INTO {p} (consumer, event, raw, reason, attempts, parked_at) \
-                 VALUES (?, ?, ?, ?, ?, ?)"
+                "INSERT INTO {p} (consumer, event, raw, reason, attempts, parked_at, park_key) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?) ON DUPLICATE KEY UPDATE id = id"
             )),
             parked_all: a(format!(
                 "SELECT {PARKED_COLUMNS} FROM {p} ORDER BY id LIMIT ?"
@@ -190,7 +192,7 @@ fn placeholders(n: usize) -> String {
 /// Consumer names are at most [`MAX_CONSUMER_LEN`] characters. The tables
 /// live in the database of the pool's connection URL: `proclaim_inbox
 /// (consumer, event_id, handled_at)` and `proclaim_inbox_parked (id,
-/// consumer, event, raw, reason, attempts, parked_at)` unless
+/// consumer, event, raw, reason, attempts, parked_at, park_key)` unless
 /// [`MySqlInboxOptions`] name them otherwise.
 ///
 /// When a handling rolls back while other deliveries of the same event wait
@@ -307,10 +309,42 @@ impl MySqlInbox {
             "proclaim-inbox-migrate",
             &self.table,
             format!("inbox {}", self.sql.quoted),
-            async |conn| execute_all(conn, &self.sql.create).await,
+            async |conn| {
+                execute_all(conn, &self.sql.create).await?;
+                self.add_park_key(conn).await
+            },
         )
         .await?;
         tracing::debug!(database, table = %self.sql.quoted, "inbox tables ready");
+        Ok(())
+    }
+}
+
+impl MySqlInbox {
+    /// Gives a parked table created before parkings had keys its
+    /// `park_key` column and unique key (MySQL has no `ADD COLUMN IF NOT
+    /// EXISTS`, so the column is looked up first).
+    async fn add_park_key(&self, conn: &mut sqlx::MySqlConnection) -> Result<(), StoreError> {
+        let found: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM information_schema.columns \
+             WHERE table_schema = DATABASE() AND table_name = ? AND column_name = 'park_key'",
+        )
+        .bind(self.sql.parked_quoted.trim_matches('`'))
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(classify)?;
+        if found == 0 {
+            sqlx::raw_sql(AssertSqlSafe(format!(
+                "ALTER TABLE {} \
+                   ADD COLUMN park_key VARCHAR(100) CHARACTER SET ascii COLLATE ascii_bin NULL, \
+                   ADD UNIQUE KEY park_key_idx (consumer, park_key)",
+                self.sql.parked_quoted
+            )))
+            .execute(&mut *conn)
+            .await
+            .map_err(classify)?;
+            tracing::info!(table = %self.sql.parked_quoted, "added park_key to the parked table");
+        }
         Ok(())
     }
 }
@@ -408,6 +442,7 @@ impl ParkedEvents for MySqlInbox {
             .bind(clip_error(&parked.reason))
             .bind(i32::try_from(parked.attempts).unwrap_or(i32::MAX))
             .bind(parked.parked_at)
+            .bind(park_key(parked))
             .execute(&self.pool)
             .await
             .map_err(classify)?;

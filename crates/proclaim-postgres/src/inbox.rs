@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use proclaim_core::inbox::{Inbox, InboxTx, ParkedEvent, ParkedEvents};
-use proclaim_core::store_support::{ParkedRow, clip_error, inbox_pair_gone, tx_wrapper};
+use proclaim_core::store_support::{ParkedRow, clip_error, inbox_pair_gone, park_key, tx_wrapper};
 use proclaim_core::{Event, StoreError};
 use sqlx::postgres::{PgPool, PgRow};
 use sqlx::{AssertSqlSafe, PgConnection, Postgres, Row, Transaction};
@@ -96,6 +96,7 @@ impl InboxSql {
         let parked = with_suffix(table, "parked");
         let handled_idx = with_suffix(table, "handled_idx");
         let parked_idx = with_suffix(table, "parked_consumer_idx");
+        let parked_key_idx = with_suffix(table, "parked_key_idx");
         let q = format!(r#""{s}"."{t}""#);
         let p = format!(r#""{s}"."{parked}""#);
         let a = |sql: String| -> Arc<str> { sql.into() };
@@ -117,7 +118,9 @@ impl InboxSql {
                        reason    TEXT        NOT NULL,
                        attempts  INTEGER     NOT NULL DEFAULT 0,
                        parked_at TIMESTAMPTZ NOT NULL DEFAULT now());
-                   CREATE INDEX IF NOT EXISTS "{parked_idx}" ON {p} (consumer, id)"#
+                   CREATE INDEX IF NOT EXISTS "{parked_idx}" ON {p} (consumer, id);
+                   ALTER TABLE {p} ADD COLUMN IF NOT EXISTS park_key TEXT;
+                   CREATE UNIQUE INDEX IF NOT EXISTS "{parked_key_idx}" ON {p} (consumer, park_key)"#
             ),
             migrate_lock: i64::from(fnv1a(&["proclaim-inbox-migrate", s, t])),
             insert: a(format!(
@@ -131,8 +134,9 @@ impl InboxSql {
                 "DELETE FROM {q} WHERE handled_at < now() - make_interval(secs => $1::float8)"
             )),
             park: a(format!(
-                "INSERT INTO {p} (consumer, event, raw, reason, attempts, parked_at) \
-                 VALUES ($1, $2::json, $3, $4, $5, $6)"
+                "INSERT INTO {p} (consumer, event, raw, reason, attempts, parked_at, park_key) \
+                 VALUES ($1, $2::json, $3, $4, $5, $6, $7) \
+                 ON CONFLICT (consumer, park_key) DO NOTHING"
             )),
             parked_all: a(format!(
                 "SELECT {PARKED_COLUMNS} FROM {p} ORDER BY id LIMIT $1"
@@ -164,7 +168,7 @@ impl InboxSql {
 /// Tables (created by [`migrate`](PgInbox::migrate), in schema `proclaim`
 /// unless [`PgInboxOptions`] say otherwise): `inbox (consumer, event_id,
 /// handled_at)` and `inbox_parked (id, consumer, event, raw, reason,
-/// attempts, parked_at)`.
+/// attempts, parked_at, park_key)`.
 ///
 /// ```no_run
 /// use proclaim_core::Event;
@@ -332,7 +336,8 @@ impl Inbox for PgInbox {
 impl ParkedEvents for PgInbox {
     /// Stores the event as CloudEvents JSON (its payload's exact text), the
     /// reason without NUL characters and cut to 4,000 bytes, and `parked_at`
-    /// to the microsecond.
+    /// to the microsecond. Parking the same parking again (a retry whose
+    /// first insert committed) stores nothing more ([`park_key`]).
     async fn park(&self, parked: &ParkedEvent) -> Result<(), StoreError> {
         sqlx::query(AssertSqlSafe(self.sql.park.clone()))
             .bind(&parked.consumer)
@@ -341,6 +346,7 @@ impl ParkedEvents for PgInbox {
             .bind(clip_error(&parked.reason))
             .bind(i32::try_from(parked.attempts).unwrap_or(i32::MAX))
             .bind(parked.parked_at)
+            .bind(park_key(parked))
             .execute(&self.pool)
             .await
             .map_err(classify)?;

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use proclaim_core::inbox::{Inbox, InboxTx, ParkedEvent, ParkedEvents};
-use proclaim_core::store_support::{ParkedRow, clip_error, inbox_pair_gone, tx_wrapper};
+use proclaim_core::store_support::{ParkedRow, clip_error, inbox_pair_gone, park_key, tx_wrapper};
 use proclaim_core::{Event, StoreError};
 use sqlx::sqlite::{SqlitePool, SqliteRow};
 use sqlx::{AssertSqlSafe, Row, Sqlite, SqliteConnection, Transaction};
@@ -107,7 +107,8 @@ impl InboxSql {
                        raw       BLOB    NOT NULL,
                        reason    TEXT    NOT NULL,
                        attempts  INTEGER NOT NULL DEFAULT 0,
-                       parked_at INTEGER NOT NULL
+                       parked_at INTEGER NOT NULL,
+                       park_key  TEXT
                    ) STRICT;
                    CREATE INDEX IF NOT EXISTS "{t}_parked_consumer_idx" ON {p} (consumer, id);"#
             ),
@@ -120,8 +121,15 @@ impl InboxSql {
             )),
             purge: a(format!("DELETE FROM {q} WHERE handled_at < ?1")),
             park: a(format!(
-                "INSERT INTO {p} (consumer, event, raw, reason, attempts, parked_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+                // OR IGNORE, not ON CONFLICT (consumer, park_key): SQLite
+                // checks an ON CONFLICT target when it prepares, against the
+                // connection's cached schema, which may predate the unique
+                // index (a pooled connection opened before `migrate`). The
+                // table's only other constraints are NOT NULL columns, all
+                // bound from values that are never NULL.
+                "INSERT OR IGNORE INTO {p} \
+                   (consumer, event, raw, reason, attempts, parked_at, park_key) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
             )),
             parked_all: a(format!(
                 "SELECT {PARKED_COLUMNS} FROM {p} ORDER BY id LIMIT ?1"
@@ -164,7 +172,7 @@ impl InboxSql {
 ///
 /// Tables (created by [`migrate`](SqliteInbox::migrate)): `proclaim_inbox
 /// (consumer, event_id, handled_at)` and `proclaim_inbox_parked (id,
-/// consumer, event, raw, reason, attempts, parked_at)` unless
+/// consumer, event, raw, reason, attempts, parked_at, park_key)` unless
 /// [`SqliteInboxOptions`] name them otherwise.
 ///
 /// ```no_run
@@ -273,8 +281,47 @@ impl SqliteInbox {
     /// `BEGIN IMMEDIATE`, one run at a time.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         migrate_immediate(&self.pool, &self.sql.migrate).await?;
+        self.add_park_key().await?;
         tracing::debug!(table = %self.sql.quoted, "inbox tables ready");
         Ok(())
+    }
+}
+
+impl SqliteInbox {
+    /// Gives a parked table created before parkings had keys its
+    /// `park_key` column (SQLite has no `ADD COLUMN IF NOT EXISTS`, so the
+    /// column is looked up first), and the unique index on it.
+    async fn add_park_key(&self) -> Result<(), StoreError> {
+        let p = &self.sql.parked_quoted;
+        let mut tx = self
+            .pool
+            .begin_with(BEGIN_IMMEDIATE)
+            .await
+            .map_err(classify)?;
+        let found: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pragma_table_info(?1) WHERE name = 'park_key'",
+        )
+        .bind(p.trim_matches('"'))
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(classify)?;
+        if found == 0 {
+            sqlx::raw_sql(AssertSqlSafe(format!(
+                "ALTER TABLE {p} ADD COLUMN park_key TEXT"
+            )))
+            .execute(&mut *tx)
+            .await
+            .map_err(classify)?;
+            tracing::info!(table = %p, "added park_key to the parked table");
+        }
+        let index = format!(r#""{}_key_idx""#, p.trim_matches('"'));
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "CREATE UNIQUE INDEX IF NOT EXISTS {index} ON {p} (consumer, park_key)"
+        )))
+        .execute(&mut *tx)
+        .await
+        .map_err(classify)?;
+        tx.commit().await.map_err(classify)
     }
 }
 
@@ -360,6 +407,7 @@ impl ParkedEvents for SqliteInbox {
             .bind(clip_error(&parked.reason))
             .bind(i64::from(parked.attempts))
             .bind(parked.parked_at.timestamp_micros())
+            .bind(park_key(parked))
             .execute(&self.pool)
             .await
             .map_err(classify)?;

@@ -396,6 +396,45 @@ fn with_id(p: &ParkedEvent, id: i64) -> ParkedEvent {
     ParkedEvent { id, ..p.clone() }
 }
 
+/// A park retried after its insert committed (the reply was lost, or it
+/// timed out) stores the parking once; the same event parked again later
+/// (another `parked_at`, as after a replay) is a parking of its own.
+pub async fn a_retried_park_is_stored_once<H: InboxHarness>() {
+    let h = H::setup().await;
+    let inbox = h.inbox();
+    let decoded = parked("mailer", Some(event(1)), b"", "handler failed", 3);
+    let garbage = parked("mailer", None, b"\xffnot json", "undecodable", 0);
+    for p in [&decoded, &garbage, &decoded, &garbage, &decoded] {
+        inbox.park(p).await.unwrap();
+    }
+    assert_eq!(inbox.parked(None, 10).await.unwrap().len(), 2);
+    // The same parking under another consumer is that consumer's own.
+    let other = ParkedEvent {
+        consumer: "ledger".into(),
+        ..decoded.clone()
+    };
+    inbox.park(&other).await.unwrap();
+    // A later parking of the same event and of the same bytes.
+    let later = decoded.parked_at + chrono::Duration::milliseconds(5);
+    inbox
+        .park(&ParkedEvent {
+            parked_at: later,
+            ..decoded.clone()
+        })
+        .await
+        .unwrap();
+    inbox
+        .park(&ParkedEvent {
+            parked_at: later,
+            ..garbage.clone()
+        })
+        .await
+        .unwrap();
+    let all = inbox.parked(None, 10).await.unwrap();
+    assert_eq!(all.len(), 5, "{all:?}");
+    assert_eq!(inbox.parked(Some("mailer"), 10).await.unwrap().len(), 4);
+}
+
 /// Parked events — decoded ones and undecodable bytes — are listed oldest
 /// first, by consumer and up to a limit, exactly as parked; `take` removes
 /// and returns the named ones and ignores unknown ids.
@@ -652,6 +691,7 @@ macro_rules! inbox_conformance {
             purge_removes_only_old_pairs,
             purger_purges_on_schedule_until_shutdown,
             parked_events_list_and_take,
+            a_retried_park_is_stored_once,
             parked_reason_is_cleaned,
             take_is_exclusive,
             identifiers_reject_injection,

@@ -130,7 +130,8 @@ async fn migrate_creates_the_documented_tables() {
             "raw",
             "reason",
             "attempts",
-            "parked_at"
+            "parked_at",
+            "park_key"
         ]
     );
     let keys: Vec<(String, String, String)> = sqlx::query_as(
@@ -153,6 +154,11 @@ async fn migrate_creates_the_documented_tables() {
     );
     assert!(has("proclaim_inbox", "handled_idx", "handled_at"));
     assert!(has("proclaim_inbox_parked", "consumer_idx", "consumer,id"));
+    assert!(has(
+        "proclaim_inbox_parked",
+        "park_key_idx",
+        "consumer,park_key"
+    ));
 }
 
 /// A consumer name too long for the key column is refused, not cut (two
@@ -222,4 +228,35 @@ async fn take_handles_long_id_lists() {
     ids.extend(listed.iter().rev().map(|p| p.id));
     let taken = h.inbox.take(&ids).await.unwrap();
     assert_eq!(taken, listed);
+}
+
+/// A parked table made before parkings had keys gets `park_key` and its
+/// unique key from `migrate`, keeping its rows.
+#[tokio::test]
+async fn migrate_adds_the_park_key_to_an_older_parked_table() {
+    let h = MySqlInboxHarness::setup().await;
+    sqlx::raw_sql(
+        "ALTER TABLE proclaim_inbox_parked DROP INDEX park_key_idx, DROP COLUMN park_key;
+         INSERT INTO proclaim_inbox_parked (consumer, event, raw, reason, attempts, parked_at)
+             VALUES ('mailer', NULL, x'ff', 'old', 0, UTC_TIMESTAMP(6));",
+    )
+    .execute(&h.db.pool)
+    .await
+    .unwrap();
+    h.inbox.migrate().await.unwrap();
+    h.inbox.migrate().await.unwrap();
+    let parked = ParkedEvent {
+        id: 0,
+        consumer: "mailer".into(),
+        event: Some(event(1)),
+        raw: Vec::new(),
+        reason: "new".into(),
+        attempts: 1,
+        parked_at: chrono::Utc::now(),
+    };
+    h.inbox.park(&parked).await.unwrap();
+    h.inbox.park(&parked).await.unwrap();
+    let all = h.inbox.parked(None, 10).await.unwrap();
+    let reasons: Vec<&str> = all.iter().map(|p| p.reason.as_str()).collect();
+    assert_eq!(reasons, ["old", "new"]);
 }

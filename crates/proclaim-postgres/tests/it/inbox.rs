@@ -153,7 +153,8 @@ async fn migrate_creates_the_documented_tables() {
             "raw",
             "reason",
             "attempts",
-            "parked_at"
+            "parked_at",
+            "park_key"
         ]
     );
     let indexes: Vec<String> = sqlx::query_scalar(
@@ -169,6 +170,12 @@ async fn migrate_creates_the_documented_tables() {
     );
     assert!(indexes.iter().any(|d| d.contains("(handled_at)")));
     assert!(indexes.iter().any(|d| d.contains("(consumer, id)")));
+    assert!(
+        indexes
+            .iter()
+            .any(|d| d.starts_with("CREATE UNIQUE INDEX") && d.contains("(consumer, park_key)")),
+        "{indexes:#?}"
+    );
 }
 
 /// A handler whose statement failed has an aborted transaction, whose

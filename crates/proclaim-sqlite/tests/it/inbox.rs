@@ -171,7 +171,8 @@ async fn migrate_creates_the_documented_tables() {
             "raw",
             "reason",
             "attempts",
-            "parked_at"
+            "parked_at",
+            "park_key"
         ]
     );
     let indexes: Vec<String> = sqlx::query_scalar(
@@ -184,7 +185,8 @@ async fn migrate_creates_the_documented_tables() {
         indexes,
         [
             "proclaim_inbox_handled_idx",
-            "proclaim_inbox_parked_consumer_idx"
+            "proclaim_inbox_parked_consumer_idx",
+            "proclaim_inbox_parked_key_idx"
         ]
     );
 }
@@ -249,4 +251,38 @@ async fn waiting_past_the_busy_timeout_is_transient() {
     tx.commit().await.unwrap();
     assert!(impatient.begin("mailer", &e).await.unwrap().is_none());
     assert!(!handle(&h, &impatient, "mailer", &e).await);
+}
+
+/// A parked table made before parkings had keys gets `park_key` and its
+/// unique index from `migrate`, keeping its rows.
+#[tokio::test]
+async fn migrate_adds_the_park_key_to_an_older_parked_table() {
+    use proclaim_core::inbox::{ParkedEvent, ParkedEvents};
+    let h = SqliteInboxHarness::setup().await;
+    let pool = h.inbox.pool();
+    sqlx::raw_sql(
+        "DROP INDEX proclaim_inbox_parked_key_idx;
+         ALTER TABLE proclaim_inbox_parked DROP COLUMN park_key;
+         INSERT INTO proclaim_inbox_parked (consumer, event, raw, reason, attempts, parked_at)
+             VALUES ('mailer', NULL, x'ff', 'old', 0, 1);",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    h.inbox.migrate().await.unwrap();
+    h.inbox.migrate().await.unwrap();
+    let parked = ParkedEvent {
+        id: 0,
+        consumer: "mailer".into(),
+        event: Some(event(1)),
+        raw: Vec::new(),
+        reason: "new".into(),
+        attempts: 1,
+        parked_at: chrono::Utc::now(),
+    };
+    h.inbox.park(&parked).await.unwrap();
+    h.inbox.park(&parked).await.unwrap();
+    let all = h.inbox.parked(None, 10).await.unwrap();
+    let reasons: Vec<&str> = all.iter().map(|p| p.reason.as_str()).collect();
+    assert_eq!(reasons, ["old", "new"]);
 }
