@@ -208,6 +208,12 @@ pub(crate) struct StatusArgs {
     /// With --parked: only the events this consumer parked.
     #[arg(long, value_name = "NAME", requires = "parked")]
     pub(crate) consumer: Option<String>,
+    /// Also list the projectors' checkpoints (projection, position, when last written) from their checkpoint table; in --json as a `projections` array.
+    #[arg(long)]
+    pub(crate) projections: bool,
+    /// With --projections: the checkpoint table [default: projector_checkpoints on PostgreSQL (in --schema), proclaim_projector_checkpoints elsewhere].
+    #[arg(long, value_name = "NAME", requires = "projections")]
+    pub(crate) checkpoint_table: Option<String>,
 }
 
 /// `proclaim replay`: what to replay.

@@ -4,10 +4,19 @@ use std::time::Duration;
 
 use anyhow::Context;
 use proclaim::inbox::ParkedEvents;
-use proclaim::mysql::{MySqlInbox, MySqlInboxOptions, MySqlOutbox, MySqlOutboxOptions};
-use proclaim::postgres::{PgInbox, PgInboxOptions, PgOutbox, PgOutboxOptions};
+use proclaim::mysql::{
+    MySqlCheckpointOptions, MySqlCheckpoints, MySqlInbox, MySqlInboxOptions, MySqlOutbox,
+    MySqlOutboxOptions,
+};
+use proclaim::postgres::{
+    PgCheckpointOptions, PgCheckpoints, PgInbox, PgInboxOptions, PgOutbox, PgOutboxOptions,
+};
+use proclaim::projector::CheckpointStore;
 use proclaim::redact_url;
-use proclaim::sqlite::{SqliteInbox, SqliteInboxOptions, SqliteOutbox, SqliteOutboxOptions};
+use proclaim::sqlite::{
+    SqliteCheckpointOptions, SqliteCheckpoints, SqliteInbox, SqliteInboxOptions, SqliteOutbox,
+    SqliteOutboxOptions,
+};
 use sqlx::mysql::MySqlPoolOptions;
 use sqlx::postgres::PgPoolOptions;
 
@@ -279,6 +288,74 @@ impl ParkedTable for MySqlInbox {
                 "--database-url and --inbox-table",
             ))
         }
+    }
+}
+
+/// A store whose projectors keep their checkpoints next to its outbox: same
+/// database, sharing its connection pool.
+pub(crate) trait CheckpointTable {
+    /// The store's checkpoint store.
+    type Checkpoints: CheckpointStore;
+    /// The checkpoints in `table` (else the store's default), in `--schema`
+    /// on PostgreSQL, and the table's name for messages. Only builds it.
+    fn checkpoints(
+        &self,
+        settings: &StoreSettings,
+        table: Option<&str>,
+    ) -> anyhow::Result<(Self::Checkpoints, String)>;
+}
+
+impl CheckpointTable for PgOutbox {
+    type Checkpoints = PgCheckpoints;
+    fn checkpoints(
+        &self,
+        settings: &StoreSettings,
+        table: Option<&str>,
+    ) -> anyhow::Result<(PgCheckpoints, String)> {
+        let mut options = PgCheckpointOptions::default();
+        if let Some(schema) = &settings.schema {
+            options = options.with_schema(schema);
+        }
+        if let Some(table) = table {
+            options = options.with_table(table);
+        }
+        let store = PgCheckpoints::with_options(self.pool().clone(), options)?;
+        let name = store.table_name().to_owned();
+        Ok((store, name))
+    }
+}
+
+impl CheckpointTable for SqliteOutbox {
+    type Checkpoints = SqliteCheckpoints;
+    fn checkpoints(
+        &self,
+        _: &StoreSettings,
+        table: Option<&str>,
+    ) -> anyhow::Result<(SqliteCheckpoints, String)> {
+        let mut options = SqliteCheckpointOptions::default();
+        if let Some(table) = table {
+            options = options.with_table(table);
+        }
+        let store = SqliteCheckpoints::with_options(self.pool().clone(), options)?;
+        let name = store.table_name().to_owned();
+        Ok((store, name))
+    }
+}
+
+impl CheckpointTable for MySqlOutbox {
+    type Checkpoints = MySqlCheckpoints;
+    fn checkpoints(
+        &self,
+        _: &StoreSettings,
+        table: Option<&str>,
+    ) -> anyhow::Result<(MySqlCheckpoints, String)> {
+        let mut options = MySqlCheckpointOptions::default();
+        if let Some(table) = table {
+            options = options.with_table(table);
+        }
+        let store = MySqlCheckpoints::with_options(self.pool().clone(), options)?;
+        let name = store.table_name().to_owned();
+        Ok((store, name))
     }
 }
 

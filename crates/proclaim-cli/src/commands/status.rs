@@ -2,11 +2,12 @@ use std::io::Write;
 
 use anyhow::Context;
 use proclaim::inbox::{ParkedEvent, ParkedEvents};
+use proclaim::projector::{Checkpoint, CheckpointStore};
 use proclaim::{OutboxAdmin, OutboxStore};
 
 use crate::args::StatusArgs;
 use crate::settings::StoreSettings;
-use crate::store::{InboxStore, ParkedTable, with_outbox};
+use crate::store::{CheckpointTable, InboxStore, ParkedTable, with_outbox};
 
 /// The events consumers parked, as `--parked` lists them.
 struct Parked {
@@ -15,10 +16,15 @@ struct Parked {
 }
 
 pub(crate) async fn run(settings: &StoreSettings, args: StatusArgs) -> anyhow::Result<()> {
-    let (table, stats, dead, parked) = with_outbox!(crate::store::open(settings, 1).await?, outbox => {
+    let (table, stats, dead, parked, projections) = with_outbox!(crate::store::open(settings, 1).await?, outbox => {
         // Built (and its names checked) before anything is queried; only
-        // with --parked, so status works where no consumer runs.
+        // with --parked / --projections, so status works where no consumer
+        // or projector runs.
         let inbox = args.parked.map(|_| outbox.inbox(settings)).transpose()?;
+        let checkpoints = args
+            .projections
+            .then(|| outbox.checkpoints(settings, args.checkpoint_table.as_deref()))
+            .transpose()?;
         outbox.verify_schema().await?;
         let stats = outbox.stats().await?;
         let dead = if args.dead_letters > 0 {
@@ -32,7 +38,11 @@ pub(crate) async fn run(settings: &StoreSettings, args: StatusArgs) -> anyhow::R
             }
             _ => None,
         };
-        (outbox.describe(), stats, dead, parked)
+        let projections = match &checkpoints {
+            Some((store, table)) => Some(list_checkpoints(store, table).await?),
+            None => None,
+        };
+        (outbox.describe(), stats, dead, parked, projections)
     });
     let mut out = std::io::stdout().lock();
     if args.json {
@@ -48,6 +58,21 @@ pub(crate) async fn run(settings: &StoreSettings, args: StatusArgs) -> anyhow::R
                 .iter()
                 .map(parked_json)
                 .collect::<Result<Vec<_>, _>>()?
+                .into();
+        }
+        if let Some(projections) = &projections {
+            value["checkpoint_table"] = projections.table.clone().into();
+            value["projections"] = projections
+                .checkpoints
+                .iter()
+                .map(|c| {
+                    serde_json::json!({
+                        "projection": c.projection,
+                        "position": c.position,
+                        "updated_at": c.updated_at.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
+                    })
+                })
+                .collect::<Vec<_>>()
                 .into();
         }
         writeln!(out, "{value}")?;
@@ -83,7 +108,47 @@ pub(crate) async fn run(settings: &StoreSettings, args: StatusArgs) -> anyhow::R
             writeln!(out, "{}", parked_line(p))?;
         }
     }
+    if let Some(projections) = projections {
+        writeln!(
+            out,
+            "checkpoints in  {} ({} projections)",
+            projections.table,
+            projections.checkpoints.len()
+        )?;
+        for c in &projections.checkpoints {
+            writeln!(
+                out,
+                "projection {} position={} updated_at={}",
+                c.projection,
+                c.position,
+                c.updated_at.format("%Y-%m-%dT%H:%M:%S%.3fZ")
+            )?;
+        }
+    }
     Ok(())
+}
+
+/// The projectors' checkpoints, as `--projections` lists them.
+struct Projections {
+    table: String,
+    checkpoints: Vec<Checkpoint>,
+}
+
+/// Every projection's checkpoint in `table`.
+async fn list_checkpoints<C: CheckpointStore>(
+    store: &C,
+    table: &str,
+) -> anyhow::Result<Projections> {
+    let checkpoints = store.checkpoints().await.with_context(|| {
+        format!(
+            "cannot list the projectors' checkpoints in {table} (a projector creates it with its \
+             checkpoint store's migrate; check --schema and --checkpoint-table)"
+        )
+    })?;
+    Ok(Projections {
+        table: table.to_owned(),
+        checkpoints,
+    })
 }
 
 /// Up to `limit` parked events (of `consumer`), oldest first, after checking

@@ -14,6 +14,7 @@ use proclaim_testkit::pg::{TestSchema, database_url};
 use tokio::process::{Child, Command};
 
 mod parked;
+mod projections;
 
 const WAIT: Duration = Duration::from_secs(60);
 
