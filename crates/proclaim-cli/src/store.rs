@@ -325,39 +325,31 @@ impl CheckpointTable for PgOutbox {
     }
 }
 
-impl CheckpointTable for SqliteOutbox {
-    type Checkpoints = SqliteCheckpoints;
-    fn checkpoints(
-        &self,
-        _: &StoreSettings,
-        table: Option<&str>,
-    ) -> anyhow::Result<(SqliteCheckpoints, String)> {
-        let mut options = SqliteCheckpointOptions::default();
-        if let Some(table) = table {
-            options = options.with_table(table);
+/// `CheckpointTable` for a store without schemas: the same body for SQLite
+/// and MySQL.
+macro_rules! checkpoint_table {
+    ($outbox:ident, $store:ident, $options:ident) => {
+        impl CheckpointTable for $outbox {
+            type Checkpoints = $store;
+            fn checkpoints(
+                &self,
+                _: &StoreSettings,
+                table: Option<&str>,
+            ) -> anyhow::Result<($store, String)> {
+                let mut options = $options::default();
+                if let Some(table) = table {
+                    options = options.with_table(table);
+                }
+                let store = $store::with_options(self.pool().clone(), options)?;
+                let name = store.table_name().to_owned();
+                Ok((store, name))
+            }
         }
-        let store = SqliteCheckpoints::with_options(self.pool().clone(), options)?;
-        let name = store.table_name().to_owned();
-        Ok((store, name))
-    }
+    };
 }
 
-impl CheckpointTable for MySqlOutbox {
-    type Checkpoints = MySqlCheckpoints;
-    fn checkpoints(
-        &self,
-        _: &StoreSettings,
-        table: Option<&str>,
-    ) -> anyhow::Result<(MySqlCheckpoints, String)> {
-        let mut options = MySqlCheckpointOptions::default();
-        if let Some(table) = table {
-            options = options.with_table(table);
-        }
-        let store = MySqlCheckpoints::with_options(self.pool().clone(), options)?;
-        let name = store.table_name().to_owned();
-        Ok((store, name))
-    }
-}
+checkpoint_table!(SqliteOutbox, SqliteCheckpoints, SqliteCheckpointOptions);
+checkpoint_table!(MySqlOutbox, MySqlCheckpoints, MySqlCheckpointOptions);
 
 fn no_schema(settings: &StoreSettings) -> anyhow::Result<()> {
     match &settings.schema {
